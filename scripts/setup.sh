@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs everything the project needs, idempotently: torch (2.13.0 CPU, only when missing), the
+# test/bench tools, triton (for the interpreter tests), then builds ssgd_fused with its C++ kernels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "== installing torch==2.13.0"
+  "$PY" -m pip install -q torch==2.13.0
+fi
+# Never let pip resolve torch itself from here on: everything below is torch-free or pinned.
+"$PY" -m pip install -q numpy scikit-learn pytest hypothesis pytest-benchmark tqdm matplotlib ruff
+if [ "${SSGD_FUSED_NO_TRITON:-0}" = "0" ] && ! "$PY" -c "import triton" 2>/dev/null; then
+  echo "== installing triton==3.9.0 (interpreter tests)"
+  "$PY" -m pip install -q triton==3.9.0
+fi
+echo "== building ssgd_fused (C++ extension)"
+"$PY" -m pip install -q --no-build-isolation --no-deps -e .

@@ -1,0 +1,161 @@
+"""The fused S-SGD ops: schemas (declared once, here), fake implementations, backend loading.
+
+Implementations are registered per dispatch key: CPU from the C++ extension ``ssgd_fused._C``
+(csrc/), CUDA from the Triton kernels (``ssgd_fused.kernels``). The semantics of every op are
+those of the function of the same name in :mod:`ssgd_fused.reference`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+LIB = "ssgd_fused"
+
+_NOISE_ARGS = "int seed, int step, int[] tensor_ids, int sample, str distribution, bool filter"
+
+SCHEMAS = {
+    "noise": "(int numel, int seed, int step, int tensor_id, int sample, str distribution) -> Tensor",
+    "norms": f"(Tensor[] params, {_NOISE_ARGS}) -> (Tensor[], Tensor[])",
+    "perturb_": (
+        f"(Tensor(a!)[] params, Tensor[] scales, float coef, {_NOISE_ARGS}, Tensor[]? sources) -> ()"
+    ),
+    "restore_": (
+        "(Tensor(a!)[] params, Tensor(b!)?[] grads, Tensor[] scales, float coef, float grad_scale, "
+        f"{_NOISE_ARGS}, Tensor[]? sources) -> ()"
+    ),
+    "restore_update_sgd_": (
+        "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor[] scales, "
+        f"float coef, float grad_scale, {_NOISE_ARGS}, Tensor[]? sources, float lr, float momentum, "
+        "float dampening, float weight_decay, bool nesterov, bool maximize, bool[] init_momentum) -> ()"
+    ),
+    "restore_update_adam_": (
+        "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+        "Tensor(e!)[] max_exp_avg_sqs, Tensor[] scales, float coef, float grad_scale, "
+        f"{_NOISE_ARGS}, Tensor[]? sources, float[] steps, float lr, float beta1, float beta2, "
+        "float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize) -> ()"
+    ),
+}
+
+_lib = torch.library.Library(LIB, "DEF")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+# ---- fake (meta) implementations: shapes only, for torch.compile and opcheck ------------------
+@torch.library.register_fake(f"{LIB}::noise")
+def _noise_fake(numel, seed, step, tensor_id, sample, distribution):
+    return torch.empty(numel, dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{LIB}::norms")
+def _norms_fake(params, seed, step, tensor_ids, sample, distribution, filter):
+    from .reference import num_slices
+
+    shapes = [num_slices(p, filter) for p in params]
+    mk = lambda: [p.new_empty(n, dtype=torch.float64) for p, n in zip(params, shapes)]  # noqa: E731
+    return mk(), mk()
+
+
+def _fake_noop(*args, **kwargs):
+    return None
+
+
+for _name in ("perturb_", "restore_", "restore_update_sgd_", "restore_update_adam_"):
+    torch.library.register_fake(f"{LIB}::{_name}", _fake_noop)
+
+
+# ---- the C++ extension --------------------------------------------------------------------
+_C = None
+_C_ERROR: str | None = None
+
+
+def _load_cpp():
+    global _C, _C_ERROR
+    if _C is not None or _C_ERROR is not None:
+        return _C
+    if os.environ.get("SSGD_FUSED_DISABLE_CPP", "") not in ("", "0"):
+        _C_ERROR = "disabled by SSGD_FUSED_DISABLE_CPP"
+        return None
+    try:
+        from . import _C as mod  # registers the CPU kernels with the dispatcher
+    except ImportError as e:  # not built
+        _C_ERROR = f"the C++ extension ssgd_fused._C is not built ({e})"
+        return None
+    _C = mod
+    return _C
+
+
+def cpp_available() -> bool:
+    """True when the CPU kernels of csrc/ are built and registered."""
+    return _load_cpp() is not None
+
+
+def cpp_unavailable_reason() -> str | None:
+    _load_cpp()
+    return _C_ERROR
+
+
+def triton_available() -> bool:
+    """True when CUDA is present and the Triton kernels import."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from . import kernels  # noqa: F401
+    except ImportError:
+        return False
+    return getattr(kernels, "REGISTERED", False)
+
+
+def seed_to_i64(seed: int) -> int:
+    """The unsigned 64-bit seed as the signed int64 an op schema carries (same bits)."""
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+def warn_once(msg: str) -> None:
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+# ---- thin Python wrappers with the reference module's signatures ---------------------------
+def _op(name):
+    return getattr(torch.ops.ssgd_fused, name)
+
+
+def noise(numel, seed, step, tensor_id, sample, distribution):
+    _load_cpp()
+    return _op("noise")(numel, seed_to_i64(seed), step, tensor_id, sample, distribution)
+
+
+def norms(params, seed, step, tensor_ids, sample, distribution, filter):
+    return _op("norms")(params, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter)
+
+
+def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None):
+    _op("perturb_")(params, scales, coef, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter,
+                    sources)
+
+
+def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter,
+             sources=None):
+    _op("restore_")(params, grads, scales, coef, grad_scale, seed_to_i64(seed), step, tensor_ids, sample,
+                    distribution, filter, sources)
+
+
+def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids,
+                        sample, distribution, filter, sources, *, lr, momentum, dampening, weight_decay,
+                        nesterov, maximize, init_momentum):
+    _op("restore_update_sgd_")(params, grads, momentum_buffers, scales, coef, grad_scale, seed_to_i64(seed),
+                               step, tensor_ids, sample, distribution, filter, sources, lr, momentum,
+                               dampening, weight_decay, nesterov, maximize, init_momentum)
+
+
+def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
+                         seed, step, tensor_ids, sample, distribution, filter, sources, *, steps, lr, beta1,
+                         beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):
+    _op("restore_update_adam_")(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef,
+                                grad_scale, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter,
+                                sources, [float(s) for s in steps], lr, beta1, beta2, eps, weight_decay,
+                                decoupled_weight_decay, amsgrad, maximize)
+

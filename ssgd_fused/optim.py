@@ -1,0 +1,404 @@
+"""SSGD: symmetrical weight-noise SGD (Sung et al., arXiv 2009.02479) around any torch.optim optimizer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+from . import noise as _noise
+from . import ops as _ops
+from . import reference as _reference
+
+__all__ = ["SSGD"]
+
+MODES = ("symmetric", "one_sided")
+SCOPES = ("tensor", "filter")
+BACKENDS = ("auto", "reference", "cpp", "triton", "fused")
+RESTORES = ("auto", "regenerate", "exact")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_alpha(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where} must be a float (the noise level alpha), got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where} must be a finite float >= 0 (the paper uses 0.25-1.0), got {value}")
+    return value
+
+
+def _choose(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+class _Plan:
+    """One noise cycle: the perturbed parameters, their scales and where the weights are now."""
+
+    def __init__(self, params, tids, scales, sources, step):
+        self.params = params  # perturbed parameters (alpha > 0)
+        self.tids = tids
+        self.scales = scales
+        self.sources = sources  # clean copies in exact mode, else None
+        self.step = step
+        self.offset = 0.0  # current displacement in units of s*u: +1, -1 or 0 (clean)
+        self.completed = False
+
+
+class SSGD(torch.optim.Optimizer):
+    r"""S-SGD: evaluates the gradient at ``w + n`` and ``w - n`` and updates ``w`` with their mean.
+
+    .. math::
+        n_i = \alpha_i \lVert w_i\rVert \, u_i / \lVert u_i\rVert, \qquad
+        g = \tfrac12\big(\nabla L(w + n) + \nabla L(w - n)\big), \qquad
+        w \leftarrow \mathrm{base\_update}(w, g)
+
+    with a fresh direction ``u_i`` per tensor (or per dim-0 slice) and step, drawn from the
+    counter-based stream of :mod:`ssgd_fused.noise`, so the noise is regenerated, never stored.
+
+    Args:
+        params: iterable of parameters or param-group dicts. A group may carry ``"noise"`` (its own
+            alpha, applied to all its parameters, 1-D ones included).
+        base_optimizer_cls: a ``torch.optim.Optimizer`` subclass (``torch.optim.SGD``, ``AdamW``,
+            ...); built on the same param_groups with ``**base_kwargs``.
+        noise (float, default 0.5): alpha, ``||n_i|| = alpha ||w_i||``. By default only parameters
+            with ``ndim >= 2`` are perturbed; 1-D ones (biases, norms) get noise only through a
+            group's own ``"noise"``.
+        distribution (str, default "gaussian"): "gaussian", "rademacher" or "uniform".
+        scope (str, default "tensor"): "tensor" (one norm per tensor) or "filter" (per dim-0 slice).
+        mode (str, default "symmetric"): "symmetric" (S-SGD, two passes) or "one_sided" (weight-noise
+            injection, one pass at ``w + n``).
+        seed (int, optional): unsigned 64-bit stream seed; drawn from torch's default generator
+            when None, so ``torch.manual_seed`` controls it.
+        backend (str, default "auto"): "auto" (fused kernels where available, else the reference
+            with one warning), "cpp" / "triton" / "fused" (require the kernels; raise if missing),
+            "reference" (pure PyTorch, exact backup copy).
+        restore (str, default "auto"): how clean weights come back after the passes. "regenerate"
+            re-adds the regenerated noise in place (no extra memory, a few ulp of drift per step in
+            float32); "exact" keeps a backup copy. "auto": regenerate for float32 parameters, exact
+            for 16-bit ones. The reference backend is always exact.
+    """
+
+    def __init__(self, params, base_optimizer_cls, *, noise: float = 0.5, distribution: str = "gaussian",
+                 scope: str = "tensor", mode: str = "symmetric", seed: int | None = None,
+                 backend: str = "auto", restore: str = "auto", **base_kwargs):
+        # ---- validate everything before building anything --------------------------------------
+        if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
+            raise TypeError(
+                "base_optimizer_cls must be a torch.optim.Optimizer subclass such as torch.optim.SGD "
+                f"(the class, not an instance), got {base_optimizer_cls!r}")
+        if issubclass(base_optimizer_cls, SSGD):
+            raise TypeError("base_optimizer_cls cannot be SSGD itself")
+        noise = _check_alpha(noise, "noise")
+        _choose("distribution", distribution, _noise.DISTRIBUTIONS)
+        _choose("scope", scope, SCOPES)
+        _choose("mode", mode, MODES)
+        _choose("backend", backend, BACKENDS)
+        _choose("restore", restore, RESTORES)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) * 4 + int(torch.randint(0, 4, ()))
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of Tensors or dicts, got a Tensor")
+        groups = list(params)
+        if not groups:
+            raise ValueError("params is an empty list: SSGD got no parameters")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for g in groups:
+            g["params"] = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+            if g.get("noise") is not None:
+                g["noise"] = _check_alpha(g["noise"], "param group 'noise'")
+            for p in g["params"]:
+                self._check_param(p)
+
+        super().__init__(groups, {"noise": None})
+        self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups  # shared: LR schedulers work on either
+        self.state = self.base_optimizer.state
+        self.defaults = {**self.base_optimizer.defaults, "noise": None}
+
+        self.noise = noise
+        self.distribution = distribution
+        self.scope = scope
+        self.mode = mode
+        self.seed = seed
+        self.restore = restore
+        self.noise_step = 0  # completed noise cycles; the spec's `step` counter
+        self._plan: _Plan | None = None
+        self._twin_ready = False
+        self._backups: dict[torch.Tensor, torch.Tensor] = {}
+        self.backend = self._resolve_backend(backend)
+
+    # ---- configuration ---------------------------------------------------------------------
+    @staticmethod
+    def _check_param(p):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params must contain Tensors, got {type(p).__name__}")
+        if p.is_complex() or not p.is_floating_point():
+            raise TypeError(f"SSGD supports real floating-point parameters only, got a {p.dtype} parameter "
+                            f"of shape {tuple(p.shape)}")
+        if p.is_sparse:
+            raise TypeError("SSGD does not support sparse parameters")
+
+    def _all_params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _resolve_backend(self, backend: str) -> str:
+        params = self._all_params()
+        devices = {p.device.type for p in params}
+        why = None
+        if backend == "reference":
+            return "reference"
+        if devices == {"cpu"}:
+            kernel_ok, kernel_why = _ops.cpp_available(), _ops.cpp_unavailable_reason()
+        elif devices == {"cuda"}:
+            kernel_ok, kernel_why = _ops.triton_available(), "the Triton kernels are not available"
+        else:
+            kernel_ok, kernel_why = False, f"parameters live on {sorted(devices)}; fused kernels need all on cpu or all on cuda"
+        if not kernel_ok:
+            why = kernel_why
+        elif any(p.dtype not in FUSED_DTYPES for p in params):
+            why = "the fused kernels support float32, bfloat16 and float16 parameters"
+        elif any(not p.is_contiguous() for p in params):
+            why = "the fused kernels need contiguous parameters"
+        if backend in ("cpp", "triton", "fused"):
+            want = {"cpp": "cpu", "triton": "cuda"}.get(backend)
+            if want is not None and devices != {want}:
+                raise RuntimeError(f"backend={backend!r} needs all parameters on {want}, got {sorted(devices)}")
+            if why is not None:
+                raise RuntimeError(f"backend={backend!r} is unavailable: {why}. Use backend='auto' or 'reference'.")
+            return "fused"
+        if why is not None:
+            warnings.warn(f"ssgd_fused: using the slow reference path because {why}", RuntimeWarning, stacklevel=3)
+            return "reference"
+        return "fused"
+
+    @property
+    def _engine(self):
+        return _reference if self.backend == "reference" else _ops
+
+    def _alpha(self, group, p) -> float:
+        if group.get("noise") is not None:
+            return group["noise"]
+        return self.noise if p.dim() >= 2 else 0.0
+
+    def _exact(self, p) -> bool:
+        if self.backend == "reference" or self.restore == "exact":
+            return True
+        return self.restore == "auto" and p.dtype != torch.float32
+
+    # ---- the noise cycle -------------------------------------------------------------------
+    def _noise_args(self, plan):
+        return dict(seed=self.seed, step=plan.step, sample=0, distribution=self.distribution,
+                    filter=self.scope == "filter")
+
+    @torch.no_grad()
+    def _begin(self) -> _Plan:
+        """Measures norms and scales; displaces nothing."""
+        self._ensure_clean()
+        params, tids, alphas = [], [], []
+        tid = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                a = self._alpha(group, p)
+                if a > 0 and p.numel() > 0:
+                    params.append(p)
+                    tids.append(tid)
+                    alphas.append(a)
+                tid += 1
+        plan = _Plan(params, tids, [], None, self.noise_step)
+        args = self._noise_args(plan)
+        if params:
+            w_sq, u_sq = self._engine.norms(params, tensor_ids=tids, **args)
+            plan.scales = _reference.scales_from_norms(w_sq, u_sq, alphas)
+        return plan
+
+    @torch.no_grad()
+    def _move(self, plan: _Plan, target: float, grads=None, grad_scale: float = 1.0):
+        """Moves the perturbed weights from plan.offset to `target` (in units of s*u); with grads,
+        also scales them (restore_). Exact tensors are rebuilt from their clean copy."""
+        if plan.params:
+            exact = [self._exact(p) for p in plan.params]
+            if any(exact) and plan.sources is None:  # first displacement: take the clean copies
+                plan.sources = [self._backup(p) if ex else None for p, ex in zip(plan.params, exact)]
+            args = self._noise_args(plan)
+            for sel in (True, False):
+                idx = [i for i, ex in enumerate(exact) if ex == sel]
+                if not idx:
+                    continue
+                pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+                coef = target if sel else target - plan.offset
+                sources = pick(plan.sources) if sel else None
+                if grads is None:
+                    self._engine.perturb_(pick(plan.params), pick(plan.scales), coef,
+                                          tensor_ids=pick(plan.tids), sources=sources, **args)
+                else:
+                    self._engine.restore_(pick(plan.params), pick(grads), pick(plan.scales), coef, grad_scale,
+                                          tensor_ids=pick(plan.tids), sources=sources, **args)
+        plan.offset = target
+
+    def _backup(self, p):
+        b = self._backups.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype:
+            b = self._backups[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        b.copy_(p)
+        return b
+
+    def _ensure_clean(self):
+        """Puts back clean weights if a cycle was left half-way (exception, abandoned loop)."""
+        plan = self._plan
+        if plan is not None:
+            self._plan = None
+            if plan.offset != 0:
+                self._move(plan, 0.0)
+
+    def _passes(self):
+        return (1.0, -1.0) if self.mode == "symmetric" else (1.0,)
+
+    def _check_grads(self, first_grads):
+        for p in self._all_params():
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError("SSGD does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                                   "use dense gradients")
+        for p, g in first_grads:
+            if p.grad is not g:
+                raise RuntimeError(
+                    "p.grad was replaced between the two passes (was zero_grad() called inside the closure "
+                    "or the twin_passes() loop?). The second pass must accumulate into the first: zero the "
+                    "gradients before the step, not between its passes.")
+
+    def _cycle(self) -> Iterator[int]:
+        """Displaces the weights for each pass and yields the pass index; any exit other than
+        running to completion (exception, close) puts the clean weights back. On completion the
+        weights stay at the last displacement and self._plan holds the cycle for _finish()."""
+        plan = self._begin()
+        self._plan = plan
+        first_grads = []
+        done = False
+        try:
+            for k, target in enumerate(self._passes()):
+                self._move(plan, target)
+                yield k
+                if self._plan is not plan:
+                    raise RuntimeError("the clean weights were restored in the middle of the S-SGD passes "
+                                       "(state_dict(), load_state_dict() or a new step was called inside them)")
+                if k == 0:
+                    first_grads = [(p, p.grad) for p in self._all_params() if p.grad is not None]
+            self._check_grads(first_grads)
+            done = True
+        finally:
+            if not done and self._plan is plan:
+                self._ensure_clean()
+
+    def _finish(self, update: bool):
+        """Restores the clean weights and scales the gradients to their mean (fused with the base
+        update where a kernel exists), applies the update if asked, and ends the cycle."""
+        plan = self._plan
+        gs = 1.0 / len(self._passes())
+        try:
+            if not (update and self._fused_update(plan, gs)):
+                perturbed = set(plan.params)
+                others = [p.grad for p in self._all_params() if p not in perturbed and p.grad is not None]
+                self._move(plan, 0.0, grads=[p.grad for p in plan.params], grad_scale=gs)
+                if gs != 1.0 and others:
+                    torch._foreach_mul_(others, gs)
+                if update:
+                    self.base_optimizer.step()
+        finally:
+            self._ensure_clean()
+            self.noise_step += 1
+
+    def _fused_update(self, plan: _Plan, grad_scale: float) -> bool:
+        """Restore + base update in one kernel pass; False where no kernel fits the base optimizer."""
+        return False
+
+    # ---- public API ------------------------------------------------------------------------
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """With a closure: zeroes the gradients, runs ``closure`` (forward + backward, no
+        zero_grad inside) at ``w + n`` and at ``w - n``, leaves the mean gradient in ``p.grad``,
+        restores the clean weights and applies the base optimizer's update. Returns the mean loss.
+
+        Without a closure: applies the base update after a completed ``twin_passes()`` loop."""
+        if closure is None:
+            if not self._twin_ready:
+                raise RuntimeError("SSGD.step() needs a closure, or must follow a completed "
+                                   "`for _ in opt.twin_passes(): ...backward()` loop")
+            self._twin_ready = False
+            return self.base_optimizer.step()
+        self._twin_ready = False
+        self.zero_grad(set_to_none=True)
+        losses = []
+        cycle = self._cycle()
+        try:
+            for _ in cycle:
+                with torch.enable_grad():
+                    losses.append(closure())
+        except BaseException:
+            cycle.close()
+            raise
+        self._finish(update=True)
+        if any(loss is None for loss in losses):
+            return None
+        losses = [loss.detach() if isinstance(loss, torch.Tensor) else loss for loss in losses]
+        return sum(losses[1:], losses[0]) / len(losses)
+
+    def twin_passes(self) -> Iterator[int]:
+        """For manual training loops (GradScaler, gradient accumulation, DDP no_sync)::
+
+            opt.zero_grad()
+            for _ in opt.twin_passes():          # yields 0 at w + n, then 1 at w - n
+                loss_fn(model(x), y).backward()
+            opt.step()                           # or scaler.step(opt)
+
+        When the loop ends the clean weights are back and p.grad holds the mean gradient; leaving
+        the loop early (break, exception) restores the clean weights."""
+        self._twin_ready = False
+        yield from self._cycle()
+        self._finish(update=False)
+        self._twin_ready = True
+
+    def state_dict(self):
+        """The base optimizer's state_dict plus ``"ssgd": {"seed", "step", "spec_version"}``."""
+        self._ensure_clean()
+        sd = self.base_optimizer.state_dict()
+        sd["ssgd"] = {"seed": self.seed, "step": self.noise_step, "spec_version": _noise.SPEC_VERSION}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        self._ensure_clean()
+        if "ssgd" not in state_dict:
+            raise ValueError("state_dict has no 'ssgd' entry: it was not saved by SSGD.state_dict()")
+        info = state_dict["ssgd"]
+        if info.get("spec_version") != _noise.SPEC_VERSION:
+            raise ValueError(f"state_dict was saved with noise spec {info.get('spec_version')}, "
+                             f"this is spec {_noise.SPEC_VERSION}")
+        base_sd = {k: v for k, v in state_dict.items() if k != "ssgd"}
+        self.base_optimizer.load_state_dict(base_sd)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.seed = int(info["seed"])
+        self.noise_step = int(info["step"])
+
+    def add_param_group(self, param_group):
+        if not hasattr(self, "base_optimizer"):  # during torch.optim.Optimizer.__init__
+            return super().add_param_group(param_group)
+        self._ensure_clean()
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            self._check_param(p)
+        if param_group.get("noise") is not None:
+            param_group["noise"] = _check_alpha(param_group["noise"], "param group 'noise'")
+        param_group = {**param_group, "params": params}
+        param_group.setdefault("noise", None)
+        self.base_optimizer.add_param_group(param_group)
+
+    def __repr__(self):
+        return (f"SSGD(noise={self.noise}, distribution={self.distribution!r}, scope={self.scope!r}, "
+                f"mode={self.mode!r}, backend={self.backend!r}, base={self.base_optimizer!r})")

@@ -1,0 +1,166 @@
+"""Pure-PyTorch reference implementations of the S-SGD ops.
+
+Each function here has the same signature and semantics as the fused op of the same name in
+:mod:`ssgd_fused.ops` (C++ on CPU, Triton on CUDA) and is what the tests compare them against.
+They are written for clarity, not speed: the noise is materialised with :mod:`ssgd_fused.noise`.
+
+Conventions shared by all ops
+-----------------------------
+* ``tensor_ids[i]``: the spec's tensor index of ``params[i]``; ``seed``, ``step``, ``sample`` and
+  ``distribution`` select the stream (see :mod:`ssgd_fused.noise`).
+* ``filter``: norms and scales per slice along dim 0 (``rows = p.shape[0]``) instead of per tensor.
+* ``scales[i]``: float64 tensor with one entry per slice (``s = alpha ||w|| / ||u||``), or an
+  empty tensor for a parameter that carries no noise (the op then generates nothing for it).
+* ``sources[i]`` (exact mode): the clean weights; ``p = sources[i] + coef * s * u`` instead of
+  ``p = p + coef * s * u``.
+* Arithmetic is float32 for every parameter dtype; 16-bit values are rounded to nearest even once
+  per write.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import noise as _noise
+
+__all__ = [
+    "num_slices",
+    "noise_like",
+    "norms",
+    "scales_from_norms",
+    "perturb_",
+    "restore_",
+    "restore_update_sgd_",
+    "restore_update_adam_",
+]
+
+
+def num_slices(p: torch.Tensor, filter: bool) -> int:
+    return p.shape[0] if (filter and p.dim() >= 1) else 1
+
+
+def noise_like(p, seed, step, tensor_id, sample, distribution) -> torch.Tensor:
+    """The spec's direction u for parameter p, float32, shaped like p, on p's device."""
+    u = _noise.generate(distribution, p.numel(), seed, step, tensor_id, sample)
+    return u.to(p.device).view(p.shape)
+
+
+def _rows(t: torch.Tensor, filter: bool) -> torch.Tensor:
+    return t.reshape(num_slices(t, filter), -1)
+
+
+def norms(params, seed, step, tensor_ids, sample, distribution, filter):
+    """(||w||^2, ||u||^2) per tensor (or per dim-0 slice), float64."""
+    w_sq, u_sq = [], []
+    for p, tid in zip(params, tensor_ids):
+        u = noise_like(p, seed, step, tid, sample, distribution)
+        w_sq.append(_rows(p.detach().double(), filter).pow(2).sum(1))
+        u_sq.append(_rows(u.double(), filter).pow(2).sum(1))
+    return w_sq, u_sq
+
+
+def scales_from_norms(w_sq, u_sq, alphas):
+    """s = alpha * ||w|| / ||u|| per slice, float64; s = 0 where ||w|| = 0. Kernels use it rounded
+    to their arithmetic type (float32 for 16/32-bit parameters).
+
+    Shared by every backend (a handful of ops whatever the number of tensors)."""
+    if not w_sq:
+        return []
+    counts = [t.numel() for t in w_sq]
+    w2, u2 = torch.cat(w_sq), torch.cat(u_sq)
+    a = torch.repeat_interleave(torch.tensor([float(x) for x in alphas], dtype=torch.float64),
+                                torch.tensor(counts)).to(w2.device)
+    s = torch.where(w2 > 0, a * torch.sqrt(w2 / u2), torch.zeros_like(w2))
+    return list(s.split(counts))
+
+
+def _opmath(p):
+    """float32 arithmetic for 16/32-bit parameters; float64 ones (reference only) stay float64."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter):
+    """(src or p) + coef * s * u in opmath (src/p unchanged)."""
+    base = (src if src is not None else p).detach().to(_opmath(p))
+    if s.numel() == 0:
+        return base
+    u = noise_like(p, seed, step, tid, sample, distribution).to(base.dtype)
+    n = (_rows(u, filter) * s.to(device=p.device, dtype=base.dtype).view(-1, 1)).view(p.shape)
+    return base + (coef * n)
+
+
+@torch.no_grad()
+def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None):
+    """p = (sources[i] or p) + coef * s_i * u_i, in place."""
+    for i, (p, s, tid) in enumerate(zip(params, scales, tensor_ids)):
+        src = sources[i] if sources is not None else None
+        p.copy_(_displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter))
+
+
+@torch.no_grad()
+def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter,
+             sources=None):
+    """perturb_ with coef (undoing the displacement), and grads[i] *= grad_scale where not None."""
+    perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources)
+    for g in grads:
+        if g is not None:
+            g.mul_(grad_scale) if g.dtype == torch.float64 else g.copy_(g.float() * grad_scale)
+
+
+@torch.no_grad()
+def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids,
+                        sample, distribution, filter, sources, *, lr, momentum, dampening, weight_decay,
+                        nesterov, maximize, init_momentum):
+    """Restore (as restore_), then torch.optim.SGD's update with the scaled gradient, in float32.
+
+    grads are overwritten with the scaled gradient (so p.grad holds the mean gradient). When
+    init_momentum[i] the momentum buffer is initialised to the first step's d_p (torch's clone)."""
+    for i, (p, g, s, tid) in enumerate(zip(params, grads, scales, tensor_ids)):
+        src = sources[i] if sources is not None else None
+        w = _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter)
+        gs = g.float() * grad_scale
+        g.copy_(gs)
+        d = -gs if maximize else gs
+        if weight_decay != 0:
+            d = d + weight_decay * w
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            b = d if init_momentum[i] else buf.float() * momentum + (1 - dampening) * d
+            buf.copy_(b)
+            b = buf.float()  # what was stored (16-bit buffers round)
+            d = d + momentum * b if nesterov else b
+        p.copy_(w - lr * d)
+
+
+@torch.no_grad()
+def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
+                         seed, step, tensor_ids, sample, distribution, filter, sources, *, steps, lr, beta1,
+                         beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):
+    """Restore (as restore_), then torch.optim.Adam / AdamW's update, in float32.
+
+    steps[i] is the parameter's Adam step count AFTER this step's increment."""
+    for i, (p, g, s, tid) in enumerate(zip(params, grads, scales, tensor_ids)):
+        src = sources[i] if sources is not None else None
+        w = _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter)
+        gs = g.float() * grad_scale
+        g.copy_(gs)
+        d = -gs if maximize else gs
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                w = w * (1 - lr * weight_decay)
+            else:
+                d = d + weight_decay * w
+        m = exp_avgs[i].float() + (1 - beta1) * (d - exp_avgs[i].float())
+        v = exp_avg_sqs[i].float() * beta2 + (1 - beta2) * d * d
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        m, v = exp_avgs[i].float(), exp_avg_sqs[i].float()
+        if amsgrad:
+            torch.maximum(max_exp_avg_sqs[i], exp_avg_sqs[i], out=max_exp_avg_sqs[i])
+            v = max_exp_avg_sqs[i].float()
+        t = float(steps[i])
+        step_size = lr / (1 - beta1**t)
+        bc2_sqrt = math.sqrt(1 - beta2**t)
+        p.copy_(w - step_size * m / (v.sqrt() / bc2_sqrt + eps))

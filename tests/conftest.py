@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+import ssgd_fused
+
+
+def pytest_report_header(config):
+    from ssgd_fused import ops
+
+    cpp = "built" if ops.cpp_available() else f"NOT available ({ops.cpp_unavailable_reason()})"
+    return [f"torch {torch.__version__}, threads {torch.get_num_threads()}, ssgd_fused._C: {cpp}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def require_cpp():
+    """Skips a C++-kernel test when the extension is missing, unless SSGD_FUSED_REQUIRE_CPP=1
+    (set by scripts/test.sh and CI), where a missing build is a failure."""
+    from ssgd_fused import ops
+
+    if not ops.cpp_available():
+        if os.environ.get("SSGD_FUSED_REQUIRE_CPP", "0") not in ("", "0"):
+            pytest.fail(f"C++ extension required but unavailable: {ops.cpp_unavailable_reason()}")
+        pytest.skip(f"C++ extension unavailable: {ops.cpp_unavailable_reason()}")
+
+
+__all__ = ["require_cpp", "ssgd_fused"]
