@@ -315,8 +315,86 @@ class SSGD(torch.optim.Optimizer):
             self.noise_step += 1
 
     def _fused_update(self, plan: _Plan, grad_scale: float) -> bool:
-        """Restore + base update in one kernel pass; False where no kernel fits the base optimizer."""
-        return False
+        """Restore + base update in one kernel pass (torch.optim.SGD, Adam, AdamW); False where no
+        kernel fits the base optimizer, which then runs its own step after a restore pass."""
+        base = self.base_optimizer
+        kind = type(base)
+        if self.backend != "fused" or kind not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+            return False
+        for g in self.param_groups:
+            if g.get("differentiable") or g.get("capturable") or isinstance(g.get("lr"), torch.Tensor):
+                return False
+        info = {p: (s, src) for p, s, src in
+                zip(plan.params, plan.scales, plan.sources or [None] * len(plan.params))}
+        empty = torch.empty(0, dtype=torch.float64)
+        args = self._noise_args(plan)
+        tids = {}
+        tid = 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                tids[p] = tid
+                tid += 1
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            # exact tensors rebuild from their clean copy (coef 0); the rest re-add the noise
+            for exact in (True, False):
+                ps = [p for p in with_grad if (p in info and info[p][1] is not None) == exact]
+                if not ps:
+                    continue
+                coef = 0.0 if exact else -plan.offset
+                common = dict(tensor_ids=[tids[p] for p in ps], sources=[info[p][1] for p in ps] if exact else None,
+                              **args)
+                scales = [info[p][0] if p in info else empty for p in ps]
+                grads = [p.grad for p in ps]
+                if kind is torch.optim.SGD:
+                    self._fused_sgd(group, ps, grads, scales, coef, grad_scale, common)
+                else:
+                    self._fused_adam(group, ps, grads, scales, coef, grad_scale, common)
+        for p in plan.params:  # perturbed parameters that received no gradient: restore only
+            if p.grad is None:
+                s, src = info[p]
+                self._engine.perturb_([p], [s], 0.0 if src is not None else -plan.offset, tensor_ids=[tids[p]],
+                                      sources=None if src is None else [src], **args)
+        plan.offset = 0.0
+        return True
+
+    def _fused_sgd(self, group, ps, grads, scales, coef, grad_scale, common):
+        momentum = group["momentum"]
+        bufs, init = [], []
+        if momentum != 0:
+            for p in ps:
+                b = self.state[p].get("momentum_buffer")
+                init.append(b is None)
+                bufs.append(torch.empty_like(p) if b is None else b)
+        self._engine.restore_update_sgd_(
+            ps, grads, bufs, scales, coef, grad_scale, lr=float(group["lr"]), momentum=momentum,
+            dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+            maximize=group["maximize"], init_momentum=init, **common)
+        if momentum != 0:
+            for p, b in zip(ps, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+    def _fused_adam(self, group, ps, grads, scales, coef, grad_scale, common):
+        amsgrad = group["amsgrad"]
+        states = []
+        for p in ps:
+            st = self.state[p]
+            if len(st) == 0:  # the layout torch.optim.Adam creates, so state_dicts interchange
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(st)
+        steps = [float(st["step"]) + 1 for st in states]
+        beta1, beta2 = group["betas"]
+        decoupled = group.get("decoupled_weight_decay", type(self.base_optimizer) is torch.optim.AdamW)
+        self._engine.restore_update_adam_(
+            ps, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            [st["max_exp_avg_sq"] for st in states] if amsgrad else [], scales, coef, grad_scale, steps=steps,
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=group["maximize"], **common)
+        torch._foreach_add_([st["step"] for st in states], 1.0)
 
     # ---- public API ------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor] | None = None):

@@ -1,0 +1,16 @@
+// The CPU kernels compiled for AVX-512 (F, DQ, BW, VL) with 512-bit vectors (see kernels_impl.h).
+#include "kernel_api.h"
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c,bmi2,prefer-vector-width=512")
+#define SSGD_ISA isa_avx512
+#define SSGD_ISA_NAME "avx512"
+#define SSGD_TABLE_FN table_avx512
+#include "kernels_impl.h"
+#pragma GCC pop_options
+#else
+namespace ssgd {
+const KernelTable* table_avx512() { return nullptr; }
+}  // namespace ssgd
+#endif

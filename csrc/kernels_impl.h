@@ -1,0 +1,446 @@
+// The CPU kernels, written once as plain loops for the auto-vectoriser and compiled once per ISA
+// (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp include this under their own
+// `#pragma GCC target`). Define SSGD_ISA (namespace) and SSGD_TABLE_FN (getter) before including.
+// Nothing from the standard library is instantiated here, so no inline function compiled for a
+// wider ISA can leak into code run on a narrower CPU.
+//
+// Noise generation follows shared/prototypes/cpu-rng (measured there): Philox with its state in
+// 64-bit variables (the vectoriser then multiplies 64-bit lanes directly), ln by exponent split
+// plus a polynomial, sin/cos by short polynomials with the quadrant taken from the integer bits of
+// the angle word (no range reduction), r^2 = -2 ln u for the norm pass (no sin/cos at all).
+
+#ifndef SSGD_ISA
+#error "define SSGD_ISA before including kernels_impl.h"
+#endif
+
+namespace ssgd {
+namespace SSGD_ISA {
+
+#define SSGD_INLINE static inline __attribute__((always_inline))
+
+constexpr int64_t SUB = 2048;  // elements per generated sub-block (8 KiB of noise, stays in L1)
+
+constexpr uint32_t PM0 = 0xD2511F53u, PM1 = 0xCD9E8D57u;
+constexpr uint32_t PW0 = 0x9E3779B9u, PW1 = 0xBB67AE85u;
+
+SSGD_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+SSGD_INLINE uint32_t f2u(float f) { uint32_t u; __builtin_memcpy(&u, &f, 4); return u; }
+SSGD_INLINE float u2f(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
+
+// ---- Philox-4x32-10 -----------------------------------------------------------------------
+SSGD_INLINE void philox(uint64_t b, const Stream& s, uint32_t& o0, uint32_t& o1, uint32_t& o2, uint32_t& o3) {
+  const uint64_t L = 0xFFFFFFFFull;
+  uint64_t c0 = b & L, c1 = ((b >> 32) & 0xFFFFu) | s.c1hi, c2 = s.tid, c3 = s.step;
+  uint32_t k0 = s.k0, k1 = s.k1;
+#pragma GCC unroll 10
+  for (int r = 0; r < 10; ++r) {
+    uint64_t p0 = (uint64_t)(uint32_t)c0 * (uint64_t)PM0, p1 = (uint64_t)(uint32_t)c2 * (uint64_t)PM1;
+    c0 = (p1 >> 32) ^ c1 ^ k0;
+    c2 = (p0 >> 32) ^ c3 ^ k1;
+    c1 = p1 & L;
+    c3 = p0 & L;
+    k0 += PW0;
+    k1 += PW1;
+  }
+  o0 = (uint32_t)c0; o1 = (uint32_t)c1; o2 = (uint32_t)c2; o3 = (uint32_t)c3;
+}
+
+// ---- Box-Muller pieces (coefficients from the prototype's minimax fits; exhaustively checked
+// there: |error| <= 6.8e-7 for every input) ----------------------------------------------------
+// ln(z) = f + f^2 P(f), f = z - 1, z in [sqrt(.5), sqrt(2)); stored as Q = -2P.
+constexpr float LQ0 = -2.0f * -0x1.fffffap-2f, LQ1 = -2.0f * 0x1.5556f4p-2f, LQ2 = -2.0f * -0x1.00049ap-2f,
+                LQ3 = -2.0f * 0x1.98d2c0p-3f, LQ4 = -2.0f * -0x1.535d32p-3f, LQ5 = -2.0f * 0x1.318522p-3f,
+                LQ6 = -2.0f * -0x1.250490p-3f, LQ7 = -2.0f * 0x1.65c770p-4f;
+constexpr float M2LN2 = -2.0f * 0x1.62e430p-1f;
+// sin(pi/2 t) = t (S0 + S1 t^2 + S2 t^4 + S3 t^6), cos(pi/2 t) = 1 + C1 t^2 + ... + C4 t^8, |t| <= 1/2
+constexpr float S0 = 0x1.921fb6p+0f, S1 = -0x1.4abbbap-1f, S2 = 0x1.465e92p-4f, S3 = -0x1.2d9306p-8f;
+constexpr float C1 = -0x1.3bd3ccp+0f, C2 = 0x1.03c1dep-2f, C3 = -0x1.55c664p-6f, C4 = 0x1.d9f7bcp-11f;
+
+// r^2 = -2 ln(uniform(x))
+SSGD_INLINE float m2log_u(uint32_t x) {
+  uint32_t v = 2u * (x >> 9) + 1u;
+  float fv = (float)(int32_t)v;  // exact; u = fv * 2^-24
+  uint32_t tmp = f2u(fv) - (0x3f3504f3u + (24u << 23));
+  float k = (float)((int32_t)tmp >> 23);
+  float f = u2f((tmp & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  float q = __builtin_fmaf(LQ7, f, LQ6);
+  q = __builtin_fmaf(q, f, LQ5);
+  q = __builtin_fmaf(q, f, LQ4);
+  q = __builtin_fmaf(q, f, LQ3);
+  q = __builtin_fmaf(q, f, LQ2);
+  q = __builtin_fmaf(q, f, LQ1);
+  q = __builtin_fmaf(q, f, LQ0);
+  q = __builtin_fmaf(q, f, -2.0f);
+  return __builtin_fmaf(q, f, k * M2LN2);
+}
+
+// (r cos th, r sin th) with th = 2 pi uniform(xb); quadrant from the integer, bitwise selects.
+SSGD_INLINE void rsincos(float r, uint32_t xb, float& zc, float& zs) {
+  uint32_t vb = 2u * (xb >> 9) + 1u;
+  uint32_t qq = (vb + (1u << 21)) >> 22;
+  int32_t ti = (int32_t)vb - (int32_t)(qq << 22);
+  float t = (float)ti * 0x1p-22f;
+  float t2 = t * t;
+  float s = __builtin_fmaf(S3, t2, S2);
+  s = __builtin_fmaf(s, t2, S1);
+  s = __builtin_fmaf(s, t2, S0);
+  s = s * t;
+  float c = __builtin_fmaf(C4, t2, C3);
+  c = __builtin_fmaf(c, t2, C2);
+  c = __builtin_fmaf(c, t2, C1);
+  c = __builtin_fmaf(c, t2, 1.0f);
+  uint32_t swap = 0u - (qq & 1u);  // all ones when the quadrant is odd
+  uint32_t cu = f2u(c), su = f2u(s);
+  float cv = u2f((cu & ~swap) | (su & swap)), sv = u2f((su & ~swap) | (cu & swap));
+  uint32_t ri = f2u(r);
+  zc = u2f(ri ^ (((qq + 1u) << 30) & 0x80000000u)) * cv;
+  zs = u2f(ri ^ ((qq << 30) & 0x80000000u)) * sv;
+}
+
+SSGD_INLINE float uniform_sym(uint32_t x) { return (float)(int32_t)(2u * (x >> 9) + 1u) * 0x1p-23f - 1.0f; }
+
+// ---- block generators (whole Philox blocks into out) --------------------------------------
+static void gauss_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out) {
+  const Stream s = st;
+#pragma omp simd
+  for (int64_t j = 0; j < nb; ++j) {
+    uint32_t x0, x1, x2, x3;
+    philox(b0 + (uint64_t)j, s, x0, x1, x2, x3);
+    float z0, z1, z2, z3;
+    rsincos(__builtin_sqrtf(m2log_u(x0)), x1, z0, z1);
+    rsincos(__builtin_sqrtf(m2log_u(x2)), x3, z2, z3);
+    out[4 * j + 0] = z0;
+    out[4 * j + 1] = z1;
+    out[4 * j + 2] = z2;
+    out[4 * j + 3] = z3;
+  }
+}
+
+static void uniform_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out) {
+  const Stream s = st;
+#pragma omp simd
+  for (int64_t j = 0; j < nb; ++j) {
+    uint32_t x0, x1, x2, x3;
+    philox(b0 + (uint64_t)j, s, x0, x1, x2, x3);
+    out[4 * j + 0] = uniform_sym(x0);
+    out[4 * j + 1] = uniform_sym(x1);
+    out[4 * j + 2] = uniform_sym(x2);
+    out[4 * j + 3] = uniform_sym(x3);
+  }
+}
+
+static void rademacher_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out) {
+  const Stream s = st;
+  uint32_t w[4];
+  for (int64_t j = 0; j < nb; ++j) {
+    philox(b0 + (uint64_t)j, s, w[0], w[1], w[2], w[3]);
+    float* o = out + 128 * j;
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t x = w[q];
+#pragma omp simd
+      for (int k = 0; k < 32; ++k) o[32 * q + k] = u2f(0x3f800000u | (((~x >> k) & 1u) << 31));  // +-1.0f
+    }
+  }
+}
+
+// sum over blocks of r0^2 + r1^2 = ||z||^2 of the block's four gaussians (no sin/cos)
+static double gauss_sq_blocks(const Stream& st, uint64_t b0, int64_t nb) {
+  const Stream s = st;
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < nb; ++j) {
+    uint32_t x0, x1, x2, x3;
+    philox(b0 + (uint64_t)j, s, x0, x1, x2, x3);
+    acc += (double)m2log_u(x0) + (double)m2log_u(x2);
+  }
+  return acc;
+}
+
+// noise for elements [e0, e0 + n) into buf (capacity n + 256); returns the pointer to element e0
+static const float* gen_range(Dist d, const Stream& st, int64_t e0, int64_t n, float* buf) {
+  if (d == Dist::Rademacher) {
+    int64_t b0 = e0 >> 7, b1 = (e0 + n + 127) >> 7;
+    rademacher_blocks(st, (uint64_t)b0, b1 - b0, buf);
+    return buf + (e0 & 127);
+  }
+  int64_t b0 = e0 >> 2, b1 = (e0 + n + 3) >> 2;
+  if (d == Dist::Gauss) gauss_blocks(st, (uint64_t)b0, b1 - b0, buf);
+  else uniform_blocks(st, (uint64_t)b0, b1 - b0, buf);
+  return buf + (e0 & 3);
+}
+
+static void fill(Dist d, const Stream& st, int64_t e0, int64_t n, float* out) {
+  alignas(64) float buf[SUB + 256];
+  for (int64_t s0 = e0; s0 < e0 + n; s0 += SUB) {
+    int64_t m = min64(SUB, e0 + n - s0);
+    const float* u = gen_range(d, st, s0, m, buf);
+    for (int64_t i = 0; i < m; ++i) out[s0 - e0 + i] = u[i];
+  }
+}
+
+// ---- storage types: float math, 16-bit values rounded to nearest even once per write --------
+struct F32 {
+  using T = float;
+  SSGD_INLINE float ld(T x) { return x; }
+  SSGD_INLINE T st(float x) { return x; }
+};
+struct BF16 {
+  using T = uint16_t;
+  SSGD_INLINE float ld(T x) { return u2f((uint32_t)x << 16); }
+  SSGD_INLINE T st(float x) {
+    uint32_t u = f2u(x);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    uint32_t quiet = (u >> 16) | 0x40u;  // NaN stays NaN
+    uint32_t nan = 0u - (uint32_t)((u & 0x7FFFFFFFu) > 0x7F800000u);
+    return (T)((rounded & ~nan) | (quiet & nan));
+  }
+};
+struct F16 {
+  using T = _Float16;
+  SSGD_INLINE float ld(T x) { return (float)x; }
+  SSGD_INLINE T st(float x) { return (T)x; }
+};
+
+// Calls f(i0, i1, u, cs, row) for each row segment of r, u pointing at element i0's noise (nullptr
+// where the tensor carries no noise or coef == 0) and cs = coef * s_row.
+template <class F>
+SSGD_INLINE void for_segments(const Range& r, F&& f) {
+  alignas(64) float buf[SUB + 256];
+  const bool noisy = r.scales != nullptr && r.coef != 0.0f;
+  const int64_t end = r.e0 + r.n;
+  for (int64_t s0 = r.e0; s0 < end; s0 += SUB) {
+    const int64_t s1 = min64(s0 + SUB, end);
+    const float* u = noisy ? gen_range(r.dist, r.st, s0, s1 - s0, buf) : nullptr;
+    for (int64_t e = s0; e < s1;) {
+      const int64_t row = e / r.row_len;
+      const int64_t seg_end = min64(s1, (row + 1) * r.row_len);
+      const float cs = noisy ? r.coef * (float)r.scales[row] : 0.0f;
+      f(e, seg_end, u ? u + (e - s0) : nullptr, cs, row);
+      e = seg_end;
+    }
+  }
+}
+
+// ---- norms -----------------------------------------------------------------------------------
+template <class S>
+static void norms_t(const void* wv, const Range& r, double* w2, double* u2) {
+  const typename S::T* w = (const typename S::T*)wv;
+  const int64_t first_row = r.e0 / r.row_len;
+  const int64_t end = r.e0 + r.n;
+  for (int64_t e = r.e0; e < end;) {
+    const int64_t row = e / r.row_len;
+    const int64_t seg_end = min64(end, (row + 1) * r.row_len);
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = e; i < seg_end; ++i) {
+      double x = (double)S::ld(w[i]);
+      acc += x * x;
+    }
+    w2[row - first_row] += acc;
+    // ||u||^2 of the segment
+    double uacc = 0.0;
+    if (r.dist == Dist::Rademacher) {
+      uacc = (double)(seg_end - e);
+    } else if (r.dist == Dist::Gauss) {
+      // whole blocks by r^2 = -2 ln u (no sin/cos); partial blocks at the ends generated and squared
+      alignas(64) float tmp[8];
+      auto edge = [&](int64_t i0, int64_t i1) {  // [i0, i1) lies within at most two blocks
+        if (i0 >= i1) return;
+        const float* z = gen_range(r.dist, r.st, i0, i1 - i0, tmp);
+        for (int64_t i = 0; i < i1 - i0; ++i) uacc += (double)z[i] * (double)z[i];
+      };
+      const int64_t a = (e + 3) & ~(int64_t)3, b = seg_end & ~(int64_t)3;
+      if (a >= b) {
+        edge(e, seg_end);
+      } else {
+        edge(e, a);
+        for (int64_t b0 = a; b0 < b; b0 += 4 * SUB)
+          uacc += gauss_sq_blocks(r.st, (uint64_t)(b0 >> 2), min64(SUB, (b - b0) >> 2));
+        edge(b, seg_end);
+      }
+    } else {
+      alignas(64) float buf[SUB + 256];
+      for (int64_t s0 = e; s0 < seg_end; s0 += SUB) {
+        int64_t m = min64(SUB, seg_end - s0);
+        const float* z = gen_range(r.dist, r.st, s0, m, buf);
+        double a = 0.0;
+#pragma omp simd reduction(+ : a)
+        for (int64_t i = 0; i < m; ++i) a += (double)z[i] * (double)z[i];
+        uacc += a;
+      }
+    }
+    u2[row - first_row] += uacc;
+    e = seg_end;
+  }
+}
+
+// ---- perturb / restore -----------------------------------------------------------------------
+template <class S>
+static void perturb_t(void* wv, const void* srcv, const Range& r) {
+  using T = typename S::T;
+  T* __restrict w = (T*)wv;
+  const T* src = (const T*)srcv;
+  for_segments(r, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
+    const T* __restrict base = src ? src : w;
+    if (u) {
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) w[i] = S::st(S::ld(base[i]) + cs * u[i - i0]);
+    } else if (src) {
+      for (int64_t i = i0; i < i1; ++i) w[i] = src[i];
+    }
+  });
+}
+
+template <class S>
+static void restore_t(void* wv, const void* srcv, void* gv, float gs, const Range& r) {
+  using T = typename S::T;
+  T* __restrict g = (T*)gv;
+  perturb_t<S>(wv, srcv, r);
+  if (g) {
+#pragma omp simd
+    for (int64_t i = r.e0; i < r.e0 + r.n; ++i) g[i] = S::st(S::ld(g[i]) * gs);
+  }
+}
+
+// ---- restore + SGD -----------------------------------------------------------------------------
+// torch.optim.SGD, single-tensor formulation, with the roundings of its ATen ops:
+//   d = g (+ wd * w, one fma) ; buf = buf * m + (1 - damp) * d (mul, then fma) or d on the first step
+//   d = d + m * buf (fma, nesterov) or buf ; w = w - lr * d (fma)
+template <class S, bool MOM, bool NEST, bool WD>
+static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, const SgdArgs& a, const Range& r) {
+  using T = typename S::T;
+  T* __restrict w = (T*)wv;
+  const T* src = (const T*)srcv;
+  T* __restrict g = (T*)gv;
+  T* __restrict buf = (T*)bv;
+  const float lr = -a.lr, m = a.momentum, omd = a.one_minus_dampening, wd = a.weight_decay;
+  const float sgn = a.maximize ? -1.0f : 1.0f;
+  const bool init = a.init_momentum;
+  for_segments(r, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
+    const T* __restrict base = src ? src : w;
+    const float csu = u ? cs : 0.0f;
+    const float* uu = u ? u - i0 : nullptr;
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) {
+      float wi = S::ld(base[i]);
+      if (uu) wi = wi + csu * uu[i];
+      float gi = S::ld(g[i]) * gs;
+      T gt = S::st(gi);
+      g[i] = gt;
+      float d = sgn * S::ld(gt);
+      if (WD) d = __builtin_fmaf(wi, wd, d);
+      if (MOM) {
+        float b = init ? d : __builtin_fmaf(d, omd, S::ld(buf[i]) * m);
+        T bt = S::st(b);
+        buf[i] = bt;
+        b = S::ld(bt);
+        d = NEST ? __builtin_fmaf(b, m, d) : b;
+      }
+      w[i] = S::st(__builtin_fmaf(d, lr, wi));
+    }
+  });
+}
+
+// ---- restore + Adam / AdamW --------------------------------------------------------------------
+template <class S, bool AMS>
+static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, void* xv, float gs, const AdamArgs& a,
+                   const Range& r) {
+  using T = typename S::T;
+  T* __restrict w = (T*)wv;
+  const T* src = (const T*)srcv;
+  T* __restrict g = (T*)gv;
+  T* __restrict m1 = (T*)mv;
+  T* __restrict m2 = (T*)vv;
+  T* __restrict mx = (T*)xv;
+  const float sgn = a.maximize ? -1.0f : 1.0f;
+  const float wd = a.weight_decay, decay = a.decay_factor;
+  const bool coupled_wd = wd != 0.0f && !a.decoupled, decoupled_wd = wd != 0.0f && a.decoupled;
+  const float w1 = a.one_minus_beta1, b2 = a.beta2, omb2 = a.one_minus_beta2;
+  const float neg_step = -a.step_size, bc2 = a.bc2_sqrt, eps = a.eps;
+  const bool small_w = w1 < 0.5f;  // ATen lerp: fma(w, end - start, start) or fma(w - 1, end - start, end)
+  for_segments(r, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
+    const T* __restrict base = src ? src : w;
+    const float csu = u ? cs : 0.0f;
+    const float* uu = u ? u - i0 : nullptr;
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) {
+      float wi = S::ld(base[i]);
+      if (uu) wi = wi + csu * uu[i];
+      T gt = S::st(S::ld(g[i]) * gs);
+      g[i] = gt;
+      float d = sgn * S::ld(gt);
+      if (decoupled_wd) wi = wi * decay;
+      if (coupled_wd) d = __builtin_fmaf(wi, wd, d);
+      float mo = S::ld(m1[i]);
+      float diff = d - mo;
+      float mn = __builtin_fmaf(small_w ? w1 : w1 - 1.0f, diff, small_w ? mo : d);  // ATen lerp
+      T mt = S::st(mn);
+      m1[i] = mt;
+      float vn = __builtin_fmaf(omb2 * d, d, S::ld(m2[i]) * b2);  // mul_ then ATen addcmul
+      T vt = S::st(vn);
+      m2[i] = vt;
+      float vf = S::ld(vt);
+      if (AMS) {
+        float xo = S::ld(mx[i]);
+        float xn = xo > vf ? xo : vf;
+        mx[i] = S::st(xn);
+        vf = xn;
+      }
+      float denom = __builtin_sqrtf(vf) / bc2 + eps;
+      w[i] = S::st(wi + neg_step * S::ld(mt) / denom);
+    }
+  });
+}
+
+// ---- dtype / flag dispatch ----------------------------------------------------------------------
+#define SSGD_DT_SWITCH(dt, CALL)      \
+  switch (dt) {                       \
+    case DT::F32: { using S = F32; CALL; break; }   \
+    case DT::BF16: { using S = BF16; CALL; break; } \
+    case DT::F16: { using S = F16; CALL; break; }   \
+  }
+
+static void norms_k(DT dt, const void* w, const Range& r, double* w2, double* u2) {
+  SSGD_DT_SWITCH(dt, (norms_t<S>(w, r, w2, u2)))
+}
+static void perturb_k(DT dt, void* w, const void* src, const Range& r) { SSGD_DT_SWITCH(dt, (perturb_t<S>(w, src, r))) }
+static void restore_k(DT dt, void* w, const void* src, void* g, float gs, const Range& r) {
+  SSGD_DT_SWITCH(dt, (restore_t<S>(w, src, g, gs, r)))
+}
+
+template <class S>
+static void sgd_s(void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r) {
+  const bool mom = a.momentum != 0.0f, wd = a.weight_decay != 0.0f, nest = a.nesterov && mom;
+  if (!mom) {
+    if (wd) sgd_t<S, false, false, true>(w, src, g, b, gs, a, r);
+    else sgd_t<S, false, false, false>(w, src, g, b, gs, a, r);
+  } else if (nest) {
+    if (wd) sgd_t<S, true, true, true>(w, src, g, b, gs, a, r);
+    else sgd_t<S, true, true, false>(w, src, g, b, gs, a, r);
+  } else {
+    if (wd) sgd_t<S, true, false, true>(w, src, g, b, gs, a, r);
+    else sgd_t<S, true, false, false>(w, src, g, b, gs, a, r);
+  }
+}
+static void sgd_k(DT dt, void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r) {
+  SSGD_DT_SWITCH(dt, (sgd_s<S>(w, src, g, b, gs, a, r)))
+}
+static void adam_k(DT dt, void* w, const void* src, void* g, void* m, void* v, void* x, float gs, const AdamArgs& a,
+                   const Range& r) {
+  if (a.amsgrad) {
+    SSGD_DT_SWITCH(dt, (adam_t<S, true>(w, src, g, m, v, x, gs, a, r)))
+  } else {
+    SSGD_DT_SWITCH(dt, (adam_t<S, false>(w, src, g, m, v, x, gs, a, r)))
+  }
+}
+#undef SSGD_DT_SWITCH
+
+}  // namespace SSGD_ISA
+
+const KernelTable* SSGD_TABLE_FN() {
+  static const KernelTable t = {SSGD_ISA_NAME,        SSGD_ISA::fill,    SSGD_ISA::norms_k, SSGD_ISA::perturb_k,
+                                SSGD_ISA::restore_k, SSGD_ISA::sgd_k,   SSGD_ISA::adam_k};
+  return &t;
+}
+
+}  // namespace ssgd

@@ -1,0 +1,394 @@
+// CPU implementations of the ssgd_fused ops (schemas are declared once, in ssgd_fused/ops.py) and
+// the runtime choice of instruction set. Work is split into (tensor, chunk) items of a fixed size
+// that does not depend on the thread count; norm partial sums are kept per item and reduced in
+// item order, so every result is bitwise the same for any number of threads.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernel_api.h"
+
+namespace ssgd {
+namespace {
+
+constexpr int64_t CHUNK = 1 << 15;  // elements per parallel work item (multiple of 128)
+
+// ---- instruction-set choice ------------------------------------------------------------------
+bool cpu_has(const char* isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (std::string(isa) == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::string(isa) == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi2");
+#endif
+  return std::string(isa) == "scalar";
+}
+
+const KernelTable* table_for(const std::string& name) {
+  const KernelTable* t = nullptr;
+  if (name == "avx512") t = table_avx512();
+  else if (name == "avx2") t = table_avx2();
+  else if (name == "scalar") t = table_scalar();
+  else TORCH_CHECK(false, "ssgd_fused: unknown CPU ISA '", name, "'; choose avx512, avx2 or scalar");
+  TORCH_CHECK(t != nullptr && cpu_has(name.c_str()), "ssgd_fused: CPU ISA '", name,
+              "' is not supported by this CPU or build; supported: avx512, avx2, scalar as listed by "
+              "ssgd_fused._C.supported_isas()");
+  return t;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const char* n : {"avx512", "avx2", "scalar"}) {
+    const KernelTable* t = std::string(n) == "avx512" ? table_avx512()
+                           : std::string(n) == "avx2" ? table_avx2()
+                                                      : table_scalar();
+    if (t && cpu_has(n)) out.push_back(n);
+  }
+  return out;
+}
+
+const KernelTable*& active() {
+  static const KernelTable* t = [] {
+    const char* env = std::getenv("SSGD_FUSED_CPU_ISA");  // forces one ISA (tests run each)
+    if (env && *env) return table_for(env);
+    return table_for(supported_isas().front());
+  }();
+  return t;
+}
+
+// ---- argument checking -----------------------------------------------------------------------
+DT dtype_of(const at::Tensor& t, const char* what, int64_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DT::F32;
+    case at::kBFloat16: return DT::BF16;
+    case at::kHalf: return DT::F16;
+    default:
+      TORCH_CHECK(false, "ssgd_fused: ", what, "[", i, "] has dtype ", t.scalar_type(),
+                  "; the CPU kernels support float32, bfloat16 and float16 (use backend='reference' for others)");
+  }
+  return DT::F32;
+}
+
+void check_dense(const at::Tensor& t, const char* what, int64_t i) {
+  TORCH_CHECK(t.device().is_cpu(), "ssgd_fused: ", what, "[", i, "] must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, "ssgd_fused: ", what, "[", i, "] must be a dense (strided) tensor");
+  TORCH_CHECK(t.is_contiguous(), "ssgd_fused: ", what, "[", i,
+              "] must be contiguous (call .contiguous() on the parameter, or use backend='reference')");
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& p, const char* what, int64_t i) {
+  check_dense(t, what, i);
+  TORCH_CHECK(t.scalar_type() == p.scalar_type(), "ssgd_fused: ", what, "[", i, "] has dtype ", t.scalar_type(),
+              " but its parameter has ", p.scalar_type());
+  TORCH_CHECK(t.numel() == p.numel(), "ssgd_fused: ", what, "[", i, "] has ", t.numel(),
+              " elements but its parameter has ", p.numel());
+}
+
+Dist parse_dist(const std::string& d) {
+  if (d == "gaussian") return Dist::Gauss;
+  if (d == "rademacher") return Dist::Rademacher;
+  if (d == "uniform") return Dist::Uniform;
+  TORCH_CHECK(false, "ssgd_fused: distribution must be 'gaussian', 'rademacher' or 'uniform', got '", d, "'");
+  return Dist::Gauss;
+}
+
+Stream make_stream(int64_t seed, int64_t step, int64_t tensor_id, int64_t sample) {
+  TORCH_CHECK(tensor_id >= 0 && tensor_id <= 0xFFFFFFFFLL, "ssgd_fused: tensor_ids must be in [0, 2**32), got ",
+              tensor_id);
+  TORCH_CHECK(sample >= 0 && sample < (1 << 16), "ssgd_fused: sample must be in [0, 2**16), got ", sample);
+  TORCH_CHECK(step >= 0, "ssgd_fused: step must be >= 0, got ", step);
+  const uint64_t s = (uint64_t)seed;
+  return Stream{(uint32_t)s, (uint32_t)(s >> 32), (uint32_t)sample << 16, (uint32_t)tensor_id,
+                (uint32_t)((uint64_t)step & 0xFFFFFFFFull)};
+}
+
+int64_t rows_of(const at::Tensor& p, bool filter) { return (filter && p.dim() >= 1) ? p.size(0) : 1; }
+
+// Per-tensor description common to every op.
+struct Job {
+  Range base;       // e0/n filled per item
+  int64_t numel;
+  at::Tensor scales_keep;
+};
+
+// scales[i]: float64 per-row scales, or empty for "no noise"
+std::vector<Job> make_jobs(const at::TensorList params, const at::TensorList scales, double coef, int64_t seed,
+                           int64_t step, at::IntArrayRef tensor_ids, int64_t sample, const std::string& distribution,
+                           bool filter) {
+  const int64_t n = (int64_t)params.size();
+  TORCH_CHECK((int64_t)tensor_ids.size() == n, "ssgd_fused: tensor_ids has ", tensor_ids.size(),
+              " entries for ", n, " params");
+  TORCH_CHECK(scales.empty() || (int64_t)scales.size() == n, "ssgd_fused: scales has ", scales.size(),
+              " entries for ", n, " params");
+  const Dist dist = parse_dist(distribution);
+  std::vector<Job> jobs(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    dtype_of(p, "params", i);
+    check_dense(p, "params", i);
+    Job& j = jobs[i];
+    j.numel = p.numel();
+    const int64_t rows = rows_of(p, filter);
+    j.base.row_len = (rows > 0 && j.numel > 0) ? j.numel / rows : 1;
+    j.base.scales = nullptr;
+    if (!scales.empty() && scales[i].numel() > 0) {
+      const at::Tensor& s = scales[i];
+      TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kDouble, "ssgd_fused: scales[", i,
+                  "] must be a float64 CPU tensor");
+      TORCH_CHECK(s.numel() == rows, "ssgd_fused: scales[", i, "] has ", s.numel(), " entries, expected ", rows,
+                  filter ? " (one per slice along dim 0)" : " (one per tensor)");
+      j.scales_keep = s.contiguous();
+      j.base.scales = j.scales_keep.data_ptr<double>();
+    }
+    j.base.coef = (float)coef;
+    j.base.dist = dist;
+    j.base.st = make_stream(seed, step, tensor_ids[i], sample);
+  }
+  return jobs;
+}
+
+struct Item {
+  int32_t job;
+  int64_t e0, n;
+};
+
+std::vector<Item> make_items(const std::vector<Job>& jobs) {
+  std::vector<Item> items;
+  for (int32_t j = 0; j < (int32_t)jobs.size(); ++j)
+    for (int64_t e = 0; e < jobs[j].numel; e += CHUNK)
+      items.push_back({j, e, std::min<int64_t>(CHUNK, jobs[j].numel - e)});
+  return items;
+}
+
+template <class F>
+void run_items(const std::vector<Job>& jobs, F&& f) {
+  const std::vector<Item> items = make_items(jobs);
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a, int64_t b) {
+    for (int64_t k = a; k < b; ++k) {
+      const Item& it = items[k];
+      Range r = jobs[it.job].base;
+      r.e0 = it.e0;
+      r.n = it.n;
+      f(it.job, r);
+    }
+  });
+}
+
+void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+const at::Tensor* source_of(const c10::optional<at::TensorList>& sources, int64_t i) {
+  return (sources.has_value() && (*sources)[i].defined()) ? &(*sources)[i] : nullptr;
+}
+
+void check_sources(const c10::optional<at::TensorList>& sources, const at::TensorList params) {
+  if (!sources.has_value()) return;
+  TORCH_CHECK(sources->size() == params.size(), "ssgd_fused: sources has ", sources->size(), " entries for ",
+              params.size(), " params");
+  for (size_t i = 0; i < params.size(); ++i) check_like((*sources)[i], params[i], "sources", (int64_t)i);
+}
+
+// ---- ops ---------------------------------------------------------------------------------------
+at::Tensor noise_op(int64_t numel, int64_t seed, int64_t step, int64_t tensor_id, int64_t sample,
+                    std::string distribution) {
+  TORCH_CHECK(numel >= 0, "ssgd_fused: numel must be >= 0, got ", numel);
+  at::Tensor out = at::empty({numel}, at::kFloat);
+  const Dist dist = parse_dist(distribution);
+  const Stream st = make_stream(seed, step, tensor_id, sample);
+  const KernelTable* t = active();
+  float* o = out.data_ptr<float>();
+  const int64_t nitems = (numel + CHUNK - 1) / CHUNK;
+  at::parallel_for(0, nitems, 1, [&](int64_t a, int64_t b) {
+    for (int64_t k = a; k < b; ++k) {
+      const int64_t e0 = k * CHUNK;
+      t->fill(dist, st, e0, std::min<int64_t>(CHUNK, numel - e0), o + e0);
+    }
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> norms_op(at::TensorList params, int64_t seed,
+                                                                      int64_t step, at::IntArrayRef tensor_ids,
+                                                                      int64_t sample, std::string distribution,
+                                                                      bool filter) {
+  std::vector<Job> jobs = make_jobs(params, {}, 0.0, seed, step, tensor_ids, sample, distribution, filter);
+  const std::vector<Item> items = make_items(jobs);
+  // partial sums per (item, touched row)
+  std::vector<int64_t> off(items.size() + 1, 0);
+  for (size_t k = 0; k < items.size(); ++k) {
+    const Item& it = items[k];
+    const int64_t L = jobs[it.job].base.row_len;
+    off[k + 1] = off[k] + ((it.e0 + it.n - 1) / L - it.e0 / L + 1);
+  }
+  std::vector<double> pw(off.back(), 0.0), pu(off.back(), 0.0);
+  const KernelTable* t = active();
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a, int64_t b) {
+    for (int64_t k = a; k < b; ++k) {
+      const Item& it = items[k];
+      Range r = jobs[it.job].base;
+      r.e0 = it.e0;
+      r.n = it.n;
+      t->norms(dtype_of(params[it.job], "params", it.job), params[it.job].data_ptr(), r, &pw[off[k]], &pu[off[k]]);
+    }
+  });
+  std::vector<at::Tensor> w2, u2;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const int64_t rows = rows_of(params[j], filter);
+    w2.push_back(at::zeros({rows}, at::kDouble));
+    u2.push_back(at::zeros({rows}, at::kDouble));
+  }
+  for (size_t k = 0; k < items.size(); ++k) {  // fixed order: independent of the thread count
+    const Item& it = items[k];
+    const int64_t L = jobs[it.job].base.row_len, r0 = it.e0 / L;
+    double* w = w2[it.job].data_ptr<double>();
+    double* u = u2[it.job].data_ptr<double>();
+    for (int64_t q = 0; q < off[k + 1] - off[k]; ++q) {
+      w[r0 + q] += pw[off[k] + q];
+      u[r0 + q] += pu[off[k] + q];
+    }
+  }
+  return {w2, u2};
+}
+
+void perturb_op(at::TensorList params, at::TensorList scales, double coef, int64_t seed, int64_t step,
+                at::IntArrayRef tensor_ids, int64_t sample, std::string distribution, bool filter,
+                c10::optional<at::TensorList> sources) {
+  std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
+  check_sources(sources, params);
+  const KernelTable* t = active();
+  run_items(jobs, [&](int32_t j, const Range& r) {
+    const at::Tensor* src = source_of(sources, j);
+    t->perturb(dtype_of(params[j], "params", j), params[j].data_ptr(), src ? src->data_ptr() : nullptr, r);
+  });
+}
+
+void restore_op(at::TensorList params, const c10::List<c10::optional<at::Tensor>>& grads, at::TensorList scales,
+                double coef, double grad_scale, int64_t seed, int64_t step, at::IntArrayRef tensor_ids,
+                int64_t sample, std::string distribution, bool filter, c10::optional<at::TensorList> sources) {
+  std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
+  check_sources(sources, params);
+  TORCH_CHECK(grads.size() == params.size(), "ssgd_fused: grads has ", grads.size(), " entries for ",
+              params.size(), " params");
+  std::vector<at::Tensor> g(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    c10::optional<at::Tensor> gi = grads[i];
+    if (gi.has_value() && gi->defined()) {
+      check_like(*gi, params[i], "grads", (int64_t)i);
+      g[i] = *gi;
+    }
+  }
+  const KernelTable* t = active();
+  run_items(jobs, [&](int32_t j, const Range& r) {
+    const at::Tensor* src = source_of(sources, j);
+    t->restore(dtype_of(params[j], "params", j), params[j].data_ptr(), src ? src->data_ptr() : nullptr, ptr(g[j]),
+               (float)grad_scale, r);
+  });
+}
+
+void restore_update_sgd_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                           at::TensorList scales, double coef, double grad_scale, int64_t seed, int64_t step,
+                           at::IntArrayRef tensor_ids, int64_t sample, std::string distribution, bool filter,
+                           c10::optional<at::TensorList> sources, double lr, double momentum, double dampening,
+                           double weight_decay, bool nesterov, bool maximize, c10::List<bool> init_momentum) {
+  std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
+  check_sources(sources, params);
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, "ssgd_fused: grads has ", grads.size(), " entries for ", n, " params");
+  TORCH_CHECK(momentum == 0.0 || momentum_buffers.size() == n, "ssgd_fused: momentum_buffers has ",
+              momentum_buffers.size(), " entries for ", n, " params (momentum != 0)");
+  TORCH_CHECK(init_momentum.size() == n || momentum == 0.0, "ssgd_fused: init_momentum has ",
+              init_momentum.size(), " entries for ", n, " params");
+  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0),
+              "ssgd_fused: nesterov momentum requires momentum > 0 and dampening = 0");
+  for (size_t i = 0; i < n; ++i) {
+    check_like(grads[i], params[i], "grads", (int64_t)i);
+    if (momentum != 0.0) check_like(momentum_buffers[i], params[i], "momentum_buffers", (int64_t)i);
+  }
+  SgdArgs base{(float)lr, (float)momentum, (float)(1.0 - dampening), (float)weight_decay, nesterov, maximize, false};
+  const KernelTable* t = active();
+  run_items(jobs, [&](int32_t j, const Range& r) {
+    SgdArgs a = base;
+    a.init_momentum = momentum != 0.0 && init_momentum.get(j);
+    const at::Tensor* src = source_of(sources, j);
+    t->sgd(dtype_of(params[j], "params", j), params[j].data_ptr(), src ? src->data_ptr() : nullptr,
+           grads[j].data_ptr(), momentum != 0.0 ? momentum_buffers[j].data_ptr() : nullptr, (float)grad_scale, a, r);
+  });
+}
+
+void restore_update_adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList scales,
+                            double coef, double grad_scale, int64_t seed, int64_t step, at::IntArrayRef tensor_ids,
+                            int64_t sample, std::string distribution, bool filter,
+                            c10::optional<at::TensorList> sources, at::ArrayRef<double> steps, double lr,
+                            double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                            bool amsgrad, bool maximize) {
+  std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
+  check_sources(sources, params);
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+              "ssgd_fused: grads, exp_avgs, exp_avg_sqs and steps need one entry per param (", n, ")");
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "ssgd_fused: amsgrad needs max_exp_avg_sqs for every param");
+  std::vector<AdamArgs> args(n);
+  for (size_t i = 0; i < n; ++i) {
+    check_like(grads[i], params[i], "grads", (int64_t)i);
+    check_like(exp_avgs[i], params[i], "exp_avgs", (int64_t)i);
+    check_like(exp_avg_sqs[i], params[i], "exp_avg_sqs", (int64_t)i);
+    if (amsgrad) check_like(max_exp_avg_sqs[i], params[i], "max_exp_avg_sqs", (int64_t)i);
+    TORCH_CHECK(steps[i] >= 1, "ssgd_fused: steps[", i, "] must be >= 1 (the count after this step)");
+    // the scalars exactly as torch.optim.adam computes them (Python floats, i.e. double)
+    const double bc1 = 1.0 - std::pow(beta1, steps[i]), bc2 = 1.0 - std::pow(beta2, steps[i]);
+    AdamArgs& a = args[i];
+    a.lr = (float)lr;
+    a.beta1 = (float)beta1;
+    a.beta2 = (float)beta2;
+    a.one_minus_beta1 = (float)(1.0 - beta1);
+    a.one_minus_beta2 = (float)(1.0 - beta2);
+    a.eps = (float)eps;
+    a.weight_decay = (float)weight_decay;
+    a.decay_factor = (float)(1.0 - lr * weight_decay);
+    a.step_size = (float)(lr / bc1);
+    a.bc2_sqrt = (float)std::sqrt(bc2);
+    a.decoupled = decoupled_weight_decay;
+    a.amsgrad = amsgrad;
+    a.maximize = maximize;
+  }
+  const KernelTable* t = active();
+  run_items(jobs, [&](int32_t j, const Range& r) {
+    const at::Tensor* src = source_of(sources, j);
+    t->adam(dtype_of(params[j], "params", j), params[j].data_ptr(), src ? src->data_ptr() : nullptr,
+            grads[j].data_ptr(), exp_avgs[j].data_ptr(), exp_avg_sqs[j].data_ptr(),
+            amsgrad ? max_exp_avg_sqs[j].data_ptr() : nullptr, (float)grad_scale, args[j], r);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ssgd_fused, CPU, m) {
+  m.impl("norms", &norms_op);
+  m.impl("perturb_", &perturb_op);
+  m.impl("restore_", &restore_op);
+  m.impl("restore_update_sgd_", &restore_update_sgd_op);
+  m.impl("restore_update_adam_", &restore_update_adam_op);
+}
+
+// `noise` has no tensor inputs, so the dispatcher cannot pick CPU from its arguments: register it
+// for every backend (it always produces a CPU tensor).
+TORCH_LIBRARY_IMPL(ssgd_fused, CompositeExplicitAutograd, m) { m.impl("noise", &noise_op); }
+
+}  // namespace ssgd
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ssgd_fused CPU kernels (registered with the dispatcher on import)";
+  m.def("isa", [] { return std::string(ssgd::active()->name); }, "the CPU instruction set in use");
+  m.def("supported_isas", &ssgd::supported_isas, "instruction sets this CPU and build can run, best first");
+  m.def(
+      "set_isa", [](const std::string& name) { ssgd::active() = ssgd::table_for(name); },
+      "use the kernels compiled for this instruction set (avx512, avx2, scalar)");
+}
