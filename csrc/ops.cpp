@@ -182,8 +182,6 @@ void run_items(const std::vector<Job>& jobs, F&& f) {
   });
 }
 
-void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-
 const at::Tensor* source_of(const c10::optional<at::TensorList>& sources, int64_t i) {
   return (sources.has_value() && (*sources)[i].defined()) ? &(*sources)[i] : nullptr;
 }
@@ -269,26 +267,19 @@ void perturb_op(at::TensorList params, at::TensorList scales, double coef, int64
   });
 }
 
-void restore_op(at::TensorList params, const c10::List<c10::optional<at::Tensor>>& grads, at::TensorList scales,
-                double coef, double grad_scale, int64_t seed, int64_t step, at::IntArrayRef tensor_ids,
-                int64_t sample, std::string distribution, bool filter, c10::optional<at::TensorList> sources) {
+void restore_op(at::TensorList params, at::TensorList grads, at::TensorList scales, double coef, double grad_scale,
+                int64_t seed, int64_t step, at::IntArrayRef tensor_ids, int64_t sample, std::string distribution,
+                bool filter, c10::optional<at::TensorList> sources) {
   std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
   check_sources(sources, params);
   TORCH_CHECK(grads.size() == params.size(), "ssgd_fused: grads has ", grads.size(), " entries for ",
               params.size(), " params");
-  std::vector<at::Tensor> g(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    c10::optional<at::Tensor> gi = grads[i];
-    if (gi.has_value() && gi->defined()) {
-      check_like(*gi, params[i], "grads", (int64_t)i);
-      g[i] = *gi;
-    }
-  }
+  for (size_t i = 0; i < params.size(); ++i) check_like(grads[i], params[i], "grads", (int64_t)i);
   const KernelTable* t = active();
   run_items(jobs, [&](int32_t j, const Range& r) {
     const at::Tensor* src = source_of(sources, j);
-    t->restore(dtype_of(params[j], "params", j), params[j].data_ptr(), src ? src->data_ptr() : nullptr, ptr(g[j]),
-               (float)grad_scale, r);
+    t->restore(dtype_of(params[j], "params", j), params[j].data_ptr(), src ? src->data_ptr() : nullptr,
+               grads[j].data_ptr(), (float)grad_scale, r);
   });
 }
 

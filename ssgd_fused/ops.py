@@ -23,7 +23,7 @@ SCHEMAS = {
         f"(Tensor(a!)[] params, Tensor[] scales, float coef, {_NOISE_ARGS}, Tensor[]? sources) -> ()"
     ),
     "restore_": (
-        "(Tensor(a!)[] params, Tensor(b!)?[] grads, Tensor[] scales, float coef, float grad_scale, "
+        "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] scales, float coef, float grad_scale, "
         f"{_NOISE_ARGS}, Tensor[]? sources) -> ()"
     ),
     "restore_update_sgd_": (

@@ -232,15 +232,19 @@ class SSGD(torch.optim.Optimizer):
                 idx = [i for i, ex in enumerate(exact) if ex == sel]
                 if not idx:
                     continue
-                pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
                 coef = target if sel else target - plan.offset
-                sources = pick(plan.sources) if sel else None
-                if grads is None:
-                    self._engine.perturb_(pick(plan.params), pick(plan.scales), coef,
-                                          tensor_ids=pick(plan.tids), sources=sources, **args)
-                else:
-                    self._engine.restore_(pick(plan.params), pick(grads), pick(plan.scales), coef, grad_scale,
-                                          tensor_ids=pick(plan.tids), sources=sources, **args)
+                # parameters with a gradient: restore_ (weights and gradient scale in one pass)
+                for with_grad in (False, True):
+                    sub = [i for i in idx if (grads is not None and grads[i] is not None) == with_grad]
+                    if not sub:
+                        continue
+                    pick = lambda xs: [xs[i] for i in sub]  # noqa: E731
+                    common = dict(tensor_ids=pick(plan.tids), sources=pick(plan.sources) if sel else None, **args)
+                    if with_grad:
+                        self._engine.restore_(pick(plan.params), pick(grads), pick(plan.scales), coef, grad_scale,
+                                              **common)
+                    else:
+                        self._engine.perturb_(pick(plan.params), pick(plan.scales), coef, **common)
         plan.offset = target
 
     def _backup(self, p):

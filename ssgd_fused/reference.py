@@ -19,8 +19,6 @@ Conventions shared by all ops
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import noise as _noise
@@ -102,65 +100,67 @@ def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution,
 @torch.no_grad()
 def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter,
              sources=None):
-    """perturb_ with coef (undoing the displacement), and grads[i] *= grad_scale where not None."""
+    """perturb_ with coef (undoing the displacement), and grads[i] *= grad_scale."""
     perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources)
     for g in grads:
-        if g is not None:
-            g.mul_(grad_scale) if g.dtype == torch.float64 else g.copy_(g.float() * grad_scale)
+        g.copy_(g.to(_opmath(g)) * grad_scale)
 
 
 @torch.no_grad()
 def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids,
                         sample, distribution, filter, sources, *, lr, momentum, dampening, weight_decay,
                         nesterov, maximize, init_momentum):
-    """Restore (as restore_), then torch.optim.SGD's update with the scaled gradient, in float32.
+    """Restore (as restore_), then torch.optim.SGD's update with the scaled gradient.
 
-    grads are overwritten with the scaled gradient (so p.grad holds the mean gradient). When
-    init_momentum[i] the momentum buffer is initialised to the first step's d_p (torch's clone)."""
+    The update is torch.optim.SGD's own op sequence, run in float32 (float64 for float64
+    parameters) and rounded once to the parameter dtype: for float32 it is torch's result bit for
+    bit. grads are overwritten with the scaled gradient (p.grad holds the mean gradient); where
+    init_momentum[i] the momentum buffer starts as this step's d_p (torch's clone)."""
     for i, (p, g, s, tid) in enumerate(zip(params, grads, scales, tensor_ids)):
         src = sources[i] if sources is not None else None
         w = _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter)
-        gs = g.float() * grad_scale
-        g.copy_(gs)
-        d = -gs if maximize else gs
+        g.copy_(g.to(w.dtype) * grad_scale)
+        d = g.to(w.dtype)
+        d = -d if maximize else d
         if weight_decay != 0:
-            d = d + weight_decay * w
+            d = d.add(w, alpha=weight_decay)
         if momentum != 0:
             buf = momentum_buffers[i]
-            b = d if init_momentum[i] else buf.float() * momentum + (1 - dampening) * d
-            buf.copy_(b)
-            b = buf.float()  # what was stored (16-bit buffers round)
-            d = d + momentum * b if nesterov else b
-        p.copy_(w - lr * d)
+            if init_momentum[i]:
+                buf.copy_(d)
+            else:
+                buf.copy_(buf.to(w.dtype).mul_(momentum).add_(d, alpha=1 - dampening))
+            b = buf.to(w.dtype)  # what was stored (16-bit buffers round)
+            d = d.add(b, alpha=momentum) if nesterov else b
+        p.copy_(w.add_(d, alpha=-lr))
 
 
 @torch.no_grad()
 def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
                          seed, step, tensor_ids, sample, distribution, filter, sources, *, steps, lr, beta1,
                          beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):
-    """Restore (as restore_), then torch.optim.Adam / AdamW's update, in float32.
-
-    steps[i] is the parameter's Adam step count AFTER this step's increment."""
+    """Restore (as restore_), then torch.optim.Adam / AdamW's update (torch's op sequence, in
+    float32, 16-bit state rounded once per write). steps[i] is the parameter's Adam step count
+    AFTER this step's increment."""
     for i, (p, g, s, tid) in enumerate(zip(params, grads, scales, tensor_ids)):
         src = sources[i] if sources is not None else None
         w = _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter)
-        gs = g.float() * grad_scale
-        g.copy_(gs)
-        d = -gs if maximize else gs
+        g.copy_(g.to(w.dtype) * grad_scale)
+        d = g.to(w.dtype)
+        d = -d if maximize else d
         if weight_decay != 0:
             if decoupled_weight_decay:
-                w = w * (1 - lr * weight_decay)
+                w.mul_(1 - lr * weight_decay)
             else:
-                d = d + weight_decay * w
-        m = exp_avgs[i].float() + (1 - beta1) * (d - exp_avgs[i].float())
-        v = exp_avg_sqs[i].float() * beta2 + (1 - beta2) * d * d
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
-        m, v = exp_avgs[i].float(), exp_avg_sqs[i].float()
+                d = d.add(w, alpha=weight_decay)
+        exp_avgs[i].copy_(exp_avgs[i].to(w.dtype).lerp_(d, 1 - beta1))
+        exp_avg_sqs[i].copy_(exp_avg_sqs[i].to(w.dtype).mul_(beta2).addcmul_(d, d, value=1 - beta2))
+        m, v = exp_avgs[i].to(w.dtype), exp_avg_sqs[i].to(w.dtype)
         if amsgrad:
             torch.maximum(max_exp_avg_sqs[i], exp_avg_sqs[i], out=max_exp_avg_sqs[i])
-            v = max_exp_avg_sqs[i].float()
+            v = max_exp_avg_sqs[i].to(w.dtype)
         t = float(steps[i])
         step_size = lr / (1 - beta1**t)
-        bc2_sqrt = math.sqrt(1 - beta2**t)
-        p.copy_(w - step_size * m / (v.sqrt() / bc2_sqrt + eps))
+        bc2_sqrt = (1 - beta2**t) ** 0.5
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p.copy_(w.addcdiv_(m, denom, value=-step_size))

@@ -1,0 +1,333 @@
+"""The C++ CPU ops against the pure-PyTorch reference: every op, ISA, dtype, distribution, scope."""
+
+import pytest
+import torch
+
+from ssgd_fused import ops
+from ssgd_fused import reference as ref
+from tests.conftest import require_cpp
+from tests.tolerances import DTYPES, GAUSS_TOL, TOL, describe
+
+pytestmark = pytest.mark.cpp
+
+DISTS = ["gaussian", "rademacher", "uniform"]
+# odd sizes, a conv weight, a matrix with odd rows for the filter scope
+SHAPES = [(1,), (3,), (4097,), (65537,), (5, 3, 3, 3), (7, 129)]
+SEED = 0xDEADBEEF12345678  # above 2**63: exercises the unsigned seed
+
+
+def _isas():
+    if not ops.cpp_available():
+        return ["unavailable"]
+    return ops._C.supported_isas()
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    require_cpp()
+    before = ops._C.isa()
+    ops._C.set_isa(request.param)
+    yield request.param
+    ops._C.set_isa(before)
+
+
+@pytest.fixture
+def cpp():
+    require_cpp()
+
+
+def make_params(shapes, dtype, gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed)
+    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+
+
+def noise_tol(dtype, scales, dist):
+    """Allowed |fused - reference| on a displaced weight: the dtype's rounding, plus the spec's
+    gaussian tolerance carried through the scale (|z| <= 6 for float32 Box-Muller)."""
+    t = dict(TOL[dtype])
+    if dist == "gaussian":
+        t["atol"] = t["atol"] + 6 * GAUSS_TOL * max(float(s.abs().max()) for s in scales if s.numel())
+    return t
+
+
+def scales_for(params, dist, filter, alpha=0.7):
+    w2, u2 = ref.norms(params, SEED, 5, list(range(len(params))), 0, dist, filter)
+    return ref.scales_from_norms(w2, u2, [alpha] * len(params))
+
+
+# ---- the noise streams -------------------------------------------------------------------------
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("n", [1, 3, 127, 129, 4097, 65537])
+def test_noise_stream_matches_spec(isa, dist, n):
+    out = ops.noise(n, SEED, 2**32 + 3, 11, 2, dist)
+    want = ref.noise_like(torch.empty(n), SEED, 2**32 + 3, 11, 2, dist)
+    if dist == "gaussian":
+        err = (out - want).abs() / want.abs().clamp(min=1)
+        assert err.max().item() <= GAUSS_TOL
+    else:
+        assert torch.equal(out, want)
+
+
+def test_gaussian_error_over_many_values(isa):
+    """The polynomial Box-Muller over 2**20 values stays within the spec tolerance."""
+    n = 1 << 20
+    out = ops.noise(n, 7, 0, 0, 0, "gaussian")
+    want = ref.noise_like(torch.empty(n), 7, 0, 0, 0, "gaussian")
+    assert ((out - want).abs() / want.abs().clamp(min=1)).max().item() <= GAUSS_TOL
+
+
+# ---- norms ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("filter", [False, True], ids=["tensor", "filter"])
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe)
+def test_norms(isa, dtype, dist, filter):
+    params = make_params(SHAPES, dtype)
+    tids = [3, 0, 17, 2**32 - 1, 5, 9]
+    w2, u2 = ops.norms(params, SEED, 5, tids, 0, dist, filter)
+    rw2, ru2 = ref.norms(params, SEED, 5, tids, 0, dist, filter)
+    for a, b, c, d in zip(w2, rw2, u2, ru2):
+        assert a.dtype == torch.float64 and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        torch.testing.assert_close(c, d, rtol=1e-6 if dist == "gaussian" else 1e-12, atol=0)
+
+
+# ---- perturb_ ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("filter", [False, True], ids=["tensor", "filter"])
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe)
+@pytest.mark.parametrize("coef", [1.0, -2.0])
+def test_perturb_in_place(isa, dtype, dist, filter, coef):
+    params = make_params(SHAPES, dtype)
+    scales = scales_for(params, dist, filter)
+    scales[1] = torch.empty(0, dtype=torch.float64)  # a tensor without noise is left alone
+    tids = list(range(len(params)))
+    got = [p.clone() for p in params]
+    want = [p.clone() for p in params]
+    ops.perturb_(got, scales, coef, SEED, 5, tids, 0, dist, filter)
+    ref.perturb_(want, scales, coef, SEED, 5, tids, 0, dist, filter)
+    assert torch.equal(got[1], params[1])
+    for a, b in zip(got, want):
+        if dist == "gaussian":
+            torch.testing.assert_close(a, b, **noise_tol(dtype, scales, dist))
+        else:  # integer streams: the same float32 arithmetic, the same roundings
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe)
+def test_perturb_from_sources_writes_every_element(isa, dtype, dist):
+    clean = make_params(SHAPES, dtype)
+    scales = scales_for(clean, dist, False)
+    tids = list(range(len(clean)))
+    got = [torch.full_like(p, float("nan")) for p in clean]  # poisoned: every element must be written
+    want = [p.clone() for p in clean]
+    ops.perturb_(got, scales, -1.0, SEED, 5, tids, 0, dist, False, sources=clean)
+    ref.perturb_(want, scales, -1.0, SEED, 5, tids, 0, dist, False, sources=clean)
+    for a, b in zip(got, want):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, **noise_tol(dtype, scales, dist))
+    # coef 0 with sources is an exact restore
+    ops.perturb_(got, scales, 0.0, SEED, 5, tids, 0, dist, False, sources=clean)
+    for a, c in zip(got, clean):
+        assert torch.equal(a, c)
+
+
+# ---- restore_ ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe)
+def test_restore_scales_grads(isa, dtype, dist):
+    params = make_params(SHAPES, dtype)
+    grads = make_params(SHAPES, dtype, gen_seed=1)
+    scales = scales_for(params, dist, True)
+    tids = list(range(len(params)))
+    gp, gg = [p.clone() for p in params], [g.clone() for g in grads]
+    wp, wg = [p.clone() for p in params], [g.clone() for g in grads]
+    ops.restore_(gp, gg, scales, 1.0, 0.5, SEED, 5, tids, 0, dist, True)
+    ref.restore_(wp, wg, scales, 1.0, 0.5, SEED, 5, tids, 0, dist, True)
+    for a, b in zip(gp, wp):
+        torch.testing.assert_close(a, b, **noise_tol(dtype, scales, dist))
+    for a, b in zip(gg, wg):
+        assert torch.equal(a, b)  # halving is exact
+
+
+def test_perturb_then_restore_round_trip(cpp):
+    """+n, flip to -n, restore: back to the clean weights within a few ulp of |n|."""
+    params = make_params(SHAPES, torch.float32)
+    clean = [p.clone() for p in params]
+    scales = scales_for(params, "gaussian", False, alpha=0.5)
+    tids = list(range(len(params)))
+    for coef in (1.0, -2.0, 1.0):
+        ops.perturb_(params, scales, coef, SEED, 5, tids, 0, "gaussian", False)
+    for p, c, s in zip(params, clean, scales):
+        n_max = float(s) * 6
+        assert (p - c).abs().max().item() <= 4 * torch.finfo(torch.float32).eps * max(n_max, c.abs().max().item())
+
+
+# ---- restore + SGD --------------------------------------------------------------------------------
+SGD_CASES = [
+    dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False),
+    dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.0, nesterov=False, maximize=True),
+    dict(lr=0.2, momentum=0.0, dampening=0.0, weight_decay=5e-4, nesterov=False, maximize=False),
+]
+
+
+@pytest.mark.parametrize("case", SGD_CASES, ids=["nesterov_wd", "damp_max", "plain_wd"])
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe)
+@pytest.mark.parametrize("exact", [False, True], ids=["regen", "exact"])
+def test_restore_update_sgd(isa, dtype, dist, case, exact):
+    clean = make_params(SHAPES, dtype)
+    grads = make_params(SHAPES, dtype, gen_seed=1)
+    bufs = make_params(SHAPES, dtype, gen_seed=2)
+    scales = scales_for(clean, dist, False)
+    scales[0] = torch.empty(0, dtype=torch.float64)
+    tids = list(range(len(clean)))
+    init = [i % 2 == 0 for i in range(len(clean))]
+    displaced = [p.clone() for p in clean]
+    ref.perturb_(displaced, scales, -1.0, SEED, 5, tids, 0, dist, False)
+    sources = clean if exact else None
+    coef = 0.0 if exact else 1.0
+    outs = {}
+    for name, mod in (("fused", ops), ("ref", ref)):
+        p = [torch.full_like(c, float("nan")) if exact else d.clone() for c, d in zip(clean, displaced)]
+        g = [x.clone() for x in grads]
+        b = [torch.full_like(x, float("nan")) if i else x.clone() for x, i in zip(bufs, init)]  # poisoned when init
+        mod.restore_update_sgd_(p, g, b, scales, coef, 0.5, SEED, 5, tids, 0, dist, False, sources,
+                                init_momentum=init, **case)
+        outs[name] = (p, g, b)
+    tol = noise_tol(dtype, scales, dist) if not exact else TOL[dtype]
+    for a, b in zip(outs["fused"][0], outs["ref"][0]):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(outs["fused"][1], outs["ref"][1]):
+        assert torch.equal(a, b)
+    if case["momentum"] != 0:
+        for a, b in zip(outs["fused"][2], outs["ref"][2]):
+            assert not a.isnan().any()
+            torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+# ---- restore + Adam / AdamW ----------------------------------------------------------------------
+ADAM_CASES = [
+    dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+         amsgrad=False, maximize=False),
+    dict(lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=1e-2, decoupled_weight_decay=False,
+         amsgrad=True, maximize=True),
+    dict(lr=1e-3, beta1=0.3, beta2=0.95, eps=1e-8, weight_decay=5e-2, decoupled_weight_decay=True,
+         amsgrad=False, maximize=False),
+]
+
+
+@pytest.mark.parametrize("case", ADAM_CASES, ids=["adam", "adam_wd_ams_max", "adamw_lowbeta"])
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe)
+def test_restore_update_adam(isa, dtype, dist, case):
+    clean = make_params(SHAPES, dtype)
+    grads = make_params(SHAPES, dtype, gen_seed=1)
+    m0 = make_params(SHAPES, dtype, gen_seed=2)
+    v0 = [x.float().abs().to(dtype) for x in make_params(SHAPES, dtype, gen_seed=3)]
+    x0 = [x.float().abs().to(dtype) for x in make_params(SHAPES, dtype, gen_seed=4)]
+    scales = scales_for(clean, dist, True)
+    tids = list(range(len(clean)))
+    steps = [float(i + 1) for i in range(len(clean))]
+    displaced = [p.clone() for p in clean]
+    ref.perturb_(displaced, scales, -1.0, SEED, 5, tids, 0, dist, True)
+    outs = {}
+    for name, mod in (("fused", ops), ("ref", ref)):
+        p, g = [d.clone() for d in displaced], [x.clone() for x in grads]
+        m, v, x = [t.clone() for t in m0], [t.clone() for t in v0], [t.clone() for t in x0]
+        mod.restore_update_adam_(p, g, m, v, x if case["amsgrad"] else [], scales, 1.0, 0.5, SEED, 5, tids, 0,
+                                 dist, True, None, steps=steps, **case)
+        outs[name] = (p, g, m, v, x)
+    tol = noise_tol(dtype, scales, dist)
+    for k, what in enumerate(("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")):
+        for a, b in zip(outs["fused"][k], outs["ref"][k]):
+            torch.testing.assert_close(a, b, **(tol if k == 0 else TOL[dtype]), msg=what)
+
+
+# ---- determinism, errors, registration ------------------------------------------------------------
+def test_bitwise_identical_with_one_and_two_threads(cpp):
+    shapes = [(3000, 77), (65537,), (9, 5, 3, 3)]
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            params = make_params(shapes, torch.float32)
+            w2, u2 = ops.norms(params, SEED, 1, [0, 1, 2], 0, "gaussian", True)
+            scales = ref.scales_from_norms(w2, u2, [0.5] * 3)
+            grads = make_params(shapes, torch.float32, gen_seed=1)
+            bufs = [torch.zeros_like(p) for p in params]
+            ops.restore_update_sgd_(params, grads, bufs, scales, 1.0, 0.5, SEED, 1, [0, 1, 2], 0, "gaussian", True,
+                                    None, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True,
+                                    maximize=False, init_momentum=[False] * 3)
+            results.append((w2, u2, params, bufs))
+        finally:
+            torch.set_num_threads(2)
+    for a, b in zip(results[0], results[1]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_isas_agree_on_norms(cpp):
+    params = make_params(SHAPES, torch.float32)
+    before = ops._C.isa()
+    got = {}
+    try:
+        for name in ops._C.supported_isas():
+            ops._C.set_isa(name)
+            got[name] = ops.norms(params, SEED, 0, list(range(len(params))), 0, "gaussian", False)
+    finally:
+        ops._C.set_isa(before)
+    first = next(iter(got.values()))
+    for w2, u2 in got.values():
+        for a, b in zip(w2 + u2, first[0] + first[1]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_unknown_isa_is_a_clear_error(cpp):
+    with pytest.raises(RuntimeError, match="unknown CPU ISA"):
+        ops._C.set_isa("neon")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda p: [p[0].double()], "float32, bfloat16 and float16"),
+    (lambda p: [p[0].t()], "contiguous"),
+])
+def test_bad_inputs_named(cpp, bad, match):
+    params = [torch.randn(6, 5)]
+    with pytest.raises(RuntimeError, match=match):
+        ops.norms(bad(params), 0, 0, [0], 0, "gaussian", False)
+
+
+def test_bad_scales_and_distribution(cpp):
+    p = [torch.randn(6, 5)]
+    with pytest.raises(RuntimeError, match="scales\\[0\\] has 1 entries, expected 6"):
+        ops.perturb_(p, [torch.ones(1, dtype=torch.float64)], 1.0, 0, 0, [0], 0, "gaussian", True)
+    with pytest.raises(RuntimeError, match="distribution"):
+        ops.perturb_(p, [torch.ones(1, dtype=torch.float64)], 1.0, 0, 0, [0], 0, "laplace", False)
+    with pytest.raises(RuntimeError, match="tensor_ids"):
+        ops.perturb_(p, [torch.ones(1, dtype=torch.float64)], 1.0, 0, 0, [0, 1], 0, "gaussian", False)
+
+
+def _opcheck_samples():
+    p = [torch.randn(7, 5), torch.randn(13)]
+    g = [torch.randn(7, 5), torch.randn(13)]
+    s = [torch.full((1,), 0.01, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+    seed = ops.seed_to_i64(SEED)
+    na = (seed, 3, [0, 1], 0, "gaussian", False)
+    clone = lambda xs: [x.clone() for x in xs]  # noqa: E731
+    return {
+        "norms": (clone(p), *na),
+        "perturb_": (clone(p), s, 1.0, *na, None),
+        "restore_": (clone(p), clone(g), s, 1.0, 0.5, *na, clone(p)),
+        "restore_update_sgd_": (clone(p), clone(g), clone(g), s, 1.0, 0.5, *na, None, 0.1, 0.9, 0.0, 1e-4, True,
+                                False, [True, False]),
+        "restore_update_adam_": (clone(p), clone(g), clone(g), [x.abs() for x in g], [], s, 1.0, 0.5, *na, None,
+                                 [1.0, 2.0], 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False),
+    }
+
+
+@pytest.mark.parametrize("name", ["norms", "perturb_", "restore_", "restore_update_sgd_", "restore_update_adam_"])
+def test_opcheck(cpp, name):
+    args = _opcheck_samples()[name]
+    torch.library.opcheck(getattr(torch.ops.ssgd_fused, name), args)
