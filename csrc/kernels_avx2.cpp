@@ -1,5 +1,6 @@
 // The CPU kernels compiled for AVX2 + FMA + F16C (see kernels_impl.h); chosen at load time.
 #include "kernel_api.h"
+#include "noise_consts.h"
 
 #if defined(__x86_64__)
 #pragma GCC push_options

@@ -20,8 +20,7 @@ namespace SSGD_ISA {
 
 constexpr int64_t SUB = 2048;  // elements per generated sub-block (8 KiB of noise, stays in L1)
 
-constexpr uint32_t PM0 = 0xD2511F53u, PM1 = 0xCD9E8D57u;
-constexpr uint32_t PW0 = 0x9E3779B9u, PW1 = 0xBB67AE85u;
+using namespace spec;
 
 SSGD_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 SSGD_INLINE uint32_t f2u(float f) { uint32_t u; __builtin_memcpy(&u, &f, 4); return u; }
@@ -45,17 +44,7 @@ SSGD_INLINE void philox(uint64_t b, const Stream& s, uint32_t& o0, uint32_t& o1,
   o0 = (uint32_t)c0; o1 = (uint32_t)c1; o2 = (uint32_t)c2; o3 = (uint32_t)c3;
 }
 
-// ---- Box-Muller pieces (coefficients from the prototype's minimax fits; exhaustively checked
-// there: |error| <= 6.8e-7 for every input) ----------------------------------------------------
-// ln(z) = f + f^2 P(f), f = z - 1, z in [sqrt(.5), sqrt(2)); stored as Q = -2P.
-constexpr float LQ0 = -2.0f * -0x1.fffffap-2f, LQ1 = -2.0f * 0x1.5556f4p-2f, LQ2 = -2.0f * -0x1.00049ap-2f,
-                LQ3 = -2.0f * 0x1.98d2c0p-3f, LQ4 = -2.0f * -0x1.535d32p-3f, LQ5 = -2.0f * 0x1.318522p-3f,
-                LQ6 = -2.0f * -0x1.250490p-3f, LQ7 = -2.0f * 0x1.65c770p-4f;
-constexpr float M2LN2 = -2.0f * 0x1.62e430p-1f;
-// sin(pi/2 t) = t (S0 + S1 t^2 + S2 t^4 + S3 t^6), cos(pi/2 t) = 1 + C1 t^2 + ... + C4 t^8, |t| <= 1/2
-constexpr float S0 = 0x1.921fb6p+0f, S1 = -0x1.4abbbap-1f, S2 = 0x1.465e92p-4f, S3 = -0x1.2d9306p-8f;
-constexpr float C1 = -0x1.3bd3ccp+0f, C2 = 0x1.03c1dep-2f, C3 = -0x1.55c664p-6f, C4 = 0x1.d9f7bcp-11f;
-
+// ---- Box-Muller pieces (constants in noise_consts.h) ----------------------------------------
 // r^2 = -2 ln(uniform(x))
 SSGD_INLINE float m2log_u(uint32_t x) {
   uint32_t v = 2u * (x >> 9) + 1u;
@@ -100,6 +89,10 @@ SSGD_INLINE void rsincos(float r, uint32_t xb, float& zc, float& zs) {
 SSGD_INLINE float uniform_sym(uint32_t x) { return (float)(int32_t)(2u * (x >> 9) + 1u) * 0x1p-23f - 1.0f; }
 
 // ---- block generators (whole Philox blocks into out) --------------------------------------
+#ifdef SSGD_GAUSS512
+static void gauss_blocks(const Stream& st, uint64_t b0, int64_t nb, float* out) { g512::fill_gauss(st, b0, nb, out); }
+static double gauss_sq_blocks(const Stream& st, uint64_t b0, int64_t nb) { return g512::gauss_sq(st, b0, nb); }
+#else
 static void gauss_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out) {
   const Stream s = st;
 #pragma omp simd
@@ -115,6 +108,20 @@ static void gauss_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __res
     out[4 * j + 3] = z3;
   }
 }
+
+// sum over blocks of r0^2 + r1^2 = ||z||^2 of the block's four gaussians (no sin/cos)
+static double gauss_sq_blocks(const Stream& st, uint64_t b0, int64_t nb) {
+  const Stream s = st;
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < nb; ++j) {
+    uint32_t x0, x1, x2, x3;
+    philox(b0 + (uint64_t)j, s, x0, x1, x2, x3);
+    acc += (double)m2log_u(x0) + (double)m2log_u(x2);
+  }
+  return acc;
+}
+#endif
 
 static void uniform_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out) {
   const Stream s = st;
@@ -141,19 +148,6 @@ static void rademacher_blocks(const Stream& st, uint64_t b0, int64_t nb, float* 
       for (int k = 0; k < 32; ++k) o[32 * q + k] = u2f(0x3f800000u | (((~x >> k) & 1u) << 31));  // +-1.0f
     }
   }
-}
-
-// sum over blocks of r0^2 + r1^2 = ||z||^2 of the block's four gaussians (no sin/cos)
-static double gauss_sq_blocks(const Stream& st, uint64_t b0, int64_t nb) {
-  const Stream s = st;
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < nb; ++j) {
-    uint32_t x0, x1, x2, x3;
-    philox(b0 + (uint64_t)j, s, x0, x1, x2, x3);
-    acc += (double)m2log_u(x0) + (double)m2log_u(x2);
-  }
-  return acc;
 }
 
 // noise for elements [e0, e0 + n) into buf (capacity n + 256); returns the pointer to element e0
