@@ -176,11 +176,13 @@ static void fill_gauss(const Stream& st, uint64_t b0, int64_t nb, float* out) {
       for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + 64 * g + 16 * j, T[j]);
     });
   }
-  for (; b < b_end; b += 16, o += 64) {  // remaining groups of 16 blocks, the last one ragged
+  for (; b + 16 <= b_end; b += 16, o += 64) {  // remaining whole groups of 16 blocks
+    gaussG<1>(b, ks, [&](int, const __m512* T) { for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + 16 * j, T[j]); });
+  }
+  if (b < b_end) {  // a ragged last group
     alignas(64) float tmp[64];
     gaussG<1>(b, ks, [&](int, const __m512* T) { for (int j = 0; j < 4; ++j) _mm512_store_ps(tmp + 16 * j, T[j]); });
-    const uint64_t n = (b_end - b < 16 ? b_end - b : 16) * 4;
-    for (uint64_t i = 0; i < n; ++i) o[i] = tmp[i];
+    for (uint64_t i = 0; i < (b_end - b) * 4; ++i) o[i] = tmp[i];
   }
 }
 

@@ -18,7 +18,7 @@ namespace SSGD_ISA {
 
 #define SSGD_INLINE static inline __attribute__((always_inline))
 
-constexpr int64_t SUB = 2048;  // elements per generated sub-block (8 KiB of noise, stays in L1)
+constexpr int64_t SUB = 3072;  // elements per generated sub-block: 12 KiB of noise (L1), 16 x 48 gaussian blocks
 
 using namespace spec;
 

@@ -15,7 +15,7 @@
 namespace ssgd {
 namespace {
 
-constexpr int64_t CHUNK = 1 << 15;  // elements per parallel work item (multiple of 128)
+constexpr int64_t CHUNK = 12 * 3072;  // elements per parallel work item: whole sub-blocks, a multiple of 128
 
 // ---- instruction-set choice ------------------------------------------------------------------
 bool cpu_has(const char* isa) {

@@ -134,6 +134,8 @@ class SSGD(torch.optim.Optimizer):
         self._twin_ready = False
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
         self.backend = self._resolve_backend(backend)
+        # the module whose ops move the weights: ssgd_fused.ops (kernels) or ssgd_fused.reference
+        self._engine = _reference if self.backend == "reference" else _ops
 
     # ---- configuration ---------------------------------------------------------------------
     @staticmethod
@@ -179,9 +181,6 @@ class SSGD(torch.optim.Optimizer):
             return "reference"
         return "fused"
 
-    @property
-    def _engine(self):
-        return _reference if self.backend == "reference" else _ops
 
     def _alpha(self, group, p) -> float:
         if group.get("noise") is not None:

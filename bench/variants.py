@@ -1,0 +1,233 @@
+"""The S-SGD implementations the benchmarks compare, each as named passes over a parameter list.
+
+One cycle = norms -> perturb (+n) -> flip (-n) -> restore + SGD-momentum update (the forward and
+backward passes a real step runs between them are left out: they are the same for every variant).
+
+- fused:     ssgd_fused's kernels (C++ on CPU), restore by regeneration, no extra buffer
+- exact:     ssgd_fused's kernels with restore="exact" (one backup copy)
+- reference: ssgd_fused's pure-PyTorch reference path
+- eager:     what a careful user writes: preallocated backup and noise buffers, foreach ops,
+             torch's normal_ RNG, torch.optim.SGD(foreach=True)
+- naive:     clone + randn_like every step, per-tensor ops
+- compiled:  torch.compile of the eager cycle
+- sgd:       plain torch.optim.SGD(momentum, foreach=True).step(): one update pass, no noise
+"""
+
+from __future__ import annotations
+
+import torch
+
+import ssgd_fused
+from ssgd_fused import ops
+from ssgd_fused import reference as ref
+
+ALPHA = 0.5
+LR = 1e-3
+MOMENTUM = 0.9
+
+# bytes each variant must move per parameter element per cycle, for a 4-byte dtype (see DESIGN.md
+# section 6); 16-bit parameters move half for weights, gradients and buffers.
+BYTES_PER_ELEM = {
+    # N: read w | P: r/w w | F: r/w w | U: read w g m, write w g m
+    "fused": 4 + 8 + 8 + 24,
+    # + backup: write it in P (w read once), read it in U instead of regenerating
+    "exact": 4 + 12 + 8 + 28,
+    "reference": 4 + 12 + 8 + 28,
+    # N: read w, write u, read u, r/w u (scale) | P: backup copy 8, w += u 12 | F: w -= 2u 12 |
+    # U: copy back 8, grad *= .5 8, foreach SGD 32
+    "eager": 20 + 20 + 12 + 48,
+    "naive": 20 + 20 + 12 + 48,
+    "compiled": 20 + 20 + 12 + 48,
+    "sgd": 32,  # foreach SGD: buf *= m (8), buf += g (12), w -= lr buf (12)
+}
+
+
+def _sgd_state(params):
+    return {p: {"momentum_buffer": torch.zeros_like(p)} for p in params}
+
+
+class Variant:
+    name = "?"
+
+    def __init__(self, params, distribution="gaussian"):
+        self.params = params
+        self.distribution = distribution
+
+    def passes(self) -> dict:
+        """name -> callable; calling them in order is one cycle."""
+        return {"cycle": self.cycle}
+
+    def cycle(self):
+        for f in self.passes().values():
+            f()
+
+
+class Fused(Variant):
+    """Through the SSGD optimizer (what users run); per-pass timings call the ops directly."""
+
+    name = "fused"
+    restore = "regenerate"
+
+    def __init__(self, params, distribution="gaussian", backend="cpp"):
+        super().__init__(params, distribution)
+        # every tensor perturbed (a group alpha), as the eager variants do
+        self.opt = ssgd_fused.SSGD([{"params": params, "noise": ALPHA}], torch.optim.SGD, lr=LR,
+                                   momentum=MOMENTUM, distribution=distribution, seed=1, backend=backend,
+                                   restore=self.restore)
+        for p in params:  # the base optimizer's state exists already (as after a first step)
+            self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self._tids = list(range(len(params)))
+        self._scales = None
+
+    def _args(self):
+        return dict(seed=1, step=0, tensor_ids=self._tids, sample=0, distribution=self.distribution, filter=False)
+
+    def norms(self):
+        w2, u2 = ops.norms(self.params, **self._args())
+        self._scales = ref.scales_from_norms(w2, u2, [ALPHA] * len(self.params))
+
+    def perturb(self):
+        ops.perturb_(self.params, self._scales, 1.0, **self._args())
+
+    def flip(self):
+        ops.perturb_(self.params, self._scales, -2.0, **self._args())
+
+    def update(self):
+        ops.restore_update_sgd_(self.params, [p.grad for p in self.params],
+                                [self.opt.state[p]["momentum_buffer"] for p in self.params], self._scales, 1.0,
+                                0.5, sources=None, lr=LR, momentum=MOMENTUM, dampening=0.0, weight_decay=0.0,
+                                nesterov=False, maximize=False, init_momentum=[False] * len(self.params),
+                                **self._args())
+
+    def passes(self):
+        if self.restore != "regenerate":
+            return {"cycle": self.cycle}
+        return {"norms": self.norms, "perturb": self.perturb, "flip": self.flip, "restore+update": self.update}
+
+    def cycle(self):
+        opt = self.opt
+        for _ in opt._cycle():
+            pass
+        opt._finish(update=True)
+
+
+class Exact(Fused):
+    name = "exact"
+    restore = "exact"
+
+
+class Reference(Fused):
+    name = "reference"
+    restore = "exact"
+
+    def __init__(self, params, distribution="gaussian"):
+        super().__init__(params, distribution, backend="reference")
+
+
+class Eager(Variant):
+    name = "eager"
+
+    def __init__(self, params, distribution="gaussian"):
+        super().__init__(params, distribution)
+        self.grads = [p.grad for p in params]
+        self.backup = [torch.empty_like(p) for p in params]
+        self.noise = [torch.empty_like(p) for p in params]
+        self.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
+        for p in params:
+            self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+    @torch.no_grad()
+    def norms(self):
+        for n in self.noise:
+            if self.distribution == "gaussian":
+                n.normal_()
+            elif self.distribution == "rademacher":
+                n.bernoulli_(0.5).mul_(2).sub_(1)
+            else:
+                n.uniform_(-1, 1)
+        wn = torch._foreach_norm(self.params)
+        un = torch._foreach_norm(self.noise)
+        scale = torch._foreach_div(torch._foreach_mul(wn, ALPHA), un)
+        torch._foreach_mul_(self.noise, scale)
+
+    @torch.no_grad()
+    def perturb(self):
+        torch._foreach_copy_(self.backup, self.params)
+        torch._foreach_add_(self.params, self.noise)
+
+    @torch.no_grad()
+    def flip(self):
+        torch._foreach_sub_(self.params, self.noise, alpha=2.0)
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_copy_(self.params, self.backup)
+        torch._foreach_mul_(self.grads, 0.5)
+        self.opt.step()
+
+    def passes(self):
+        return {"norms": self.norms, "perturb": self.perturb, "flip": self.flip, "restore+update": self.update}
+
+
+class Naive(Variant):
+    name = "naive"
+
+    def __init__(self, params, distribution="gaussian"):
+        super().__init__(params, distribution)
+        self.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+        for p in params:
+            self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+    @torch.no_grad()
+    def cycle(self):
+        backup = [p.clone() for p in self.params]
+        noise = []
+        for p in self.params:
+            n = torch.randn_like(p)
+            noise.append(n * (ALPHA * p.norm() / n.norm()))
+        for p, n in zip(self.params, noise):
+            p.add_(n)
+        for p, n in zip(self.params, noise):
+            p.sub_(2 * n)
+        for p, b in zip(self.params, backup):
+            p.copy_(b)
+            p.grad.mul_(0.5)
+        self.opt.step()
+
+
+class Compiled(Eager):
+    name = "compiled"
+
+    def __init__(self, params, distribution="gaussian"):
+        super().__init__(params, distribution)
+        self._compiled = torch.compile(self._eager_cycle)
+
+    def _eager_cycle(self):
+        Eager.norms(self)
+        Eager.perturb(self)
+        Eager.flip(self)
+        torch._foreach_copy_(self.params, self.backup)
+        torch._foreach_mul_(self.grads, 0.5)
+
+    def passes(self):
+        return {"cycle": self.cycle}
+
+    def cycle(self):
+        self._compiled()
+        self.opt.step()
+
+
+class Sgd(Variant):
+    name = "sgd"
+
+    def __init__(self, params, distribution="gaussian"):
+        super().__init__(params, distribution)
+        self.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
+        for p in params:
+            self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+    def cycle(self):
+        self.opt.step()
+
+
+VARIANTS = {v.name: v for v in (Fused, Exact, Reference, Eager, Naive, Compiled, Sgd)}
