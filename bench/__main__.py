@@ -37,6 +37,9 @@ def main(argv=None):
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (one process each)")
     ap.add_argument("--no-passes", action="store_true", help="time whole cycles only")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--e2e", dest="e2e", action="store_true", default=None,
+                    help="also time training steps of real small models (default: on for the quick subset)")
+    ap.add_argument("--no-e2e", dest="e2e", action="store_false")
     ap.add_argument("--out", default=os.path.join(R.ROOT, "bench", "results"), help="folder for JSON and PNG")
     args = ap.parse_args(argv)
     if args.threads:
@@ -61,11 +64,20 @@ def main(argv=None):
         bar.close()
     md = R.markdown(rows, bw, info)
     print(md)
+    e2e_rows = []
+    if args.e2e or (args.e2e is None and not args.full and not any(getattr(args, k) for k in cfg)):
+        from bench.e2e import markdown as e2e_md
+        from bench.e2e import run_e2e
+
+        e2e_rows = run_e2e(reps=max(3, args.reps))
+        print("\nEnd to end (training step incl. forward/backward; S-SGD runs two):\n")
+        print(e2e_md(e2e_rows))
     os.makedirs(args.out, exist_ok=True)
     stamp = info["date"].replace(" ", "_").replace(":", "")
     jpath = os.path.join(args.out, f"bench_{stamp}.json")
     with open(jpath, "w") as f:
-        json.dump({"info": info, "add_bandwidth_gbps": bw, "config": cfg, "rows": rows}, f, indent=1)
+        json.dump({"info": info, "add_bandwidth_gbps": bw, "config": cfg, "rows": rows, "e2e": e2e_rows}, f,
+                  indent=1)
     ppath = os.path.join(args.out, f"bench_{stamp}.png")
     try:
         R.chart(rows, ppath)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import gc
 import json
@@ -54,17 +55,21 @@ def measure_memory_here(variant: str, set_name: str, dtype: str, dist: str, cycl
     """Peak RSS growth while constructing `variant` and running cycles, beyond the parameters,
     gradients and the base optimizer's momentum buffers (which exist before the measurement)."""
     dt = getattr(torch, dtype)
+    warm = VARIANTS[variant](shapes.make("resnet20", dt), dist)  # first-use costs (code pages, thread
+    for _ in range(2):  # pools, lazy inits) are not the variant's memory: pay them on a small set
+        warm.cycle()
+    del warm
     params = shapes.make(set_name, dt)
-    state = [torch.zeros_like(p) for p in params]  # the base optimizer's state, allocated up front
+    state = [torch.zeros_like(p) for p in params]  # the base optimizer's state, allocated (and touched) up front
     gc.collect()
+    try:  # hand freed heap pages back, so that reusing them later counts as growth
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")
     base = _rss_kib("VmRSS:")
-    v = VARIANTS[variant](params, dist)
-    for p, s in zip(params, state):  # hand the preallocated buffers to the variant's optimizer
-        st = v.opt.state[p] if hasattr(v, "opt") else None
-        if st is not None:
-            st["momentum_buffer"] = s
+    v = VARIANTS[variant](params, dist, momentum_buffers=state)
     for _ in range(cycles):
         v.cycle()
     peak = _rss_kib("VmHWM:")
@@ -190,12 +195,12 @@ def chart(rows, path):
 
     cyc = [r for r in rows if r["pass"] == "cycle"]
     labels = [f"{r['set']}\n{r['dtype']} {r['dist'][:5]}\n{r['variant']}" for r in cyc]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cyc)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cyc)), 5.5))
     ax.bar(range(len(cyc)), [r["median_ms"] for r in cyc],
            yerr=[[r["median_ms"] - r["p20_ms"] for r in cyc], [r["p80_ms"] - r["median_ms"] for r in cyc]])
     ax.scatter(range(len(cyc)), [r["floor_ms"] for r in cyc], marker="_", s=300, color="k", label="memory floor")
     ax.set_xticks(range(len(cyc)))
-    ax.set_xticklabels(labels, fontsize=6)
+    ax.set_xticklabels(labels, fontsize=6, rotation=90)
     ax.set_ylabel("ms per S-SGD cycle (no forward/backward)")
     ax.set_yscale("log")
     ax.legend()

@@ -42,16 +42,18 @@ BYTES_PER_ELEM = {
 }
 
 
-def _sgd_state(params):
-    return {p: {"momentum_buffer": torch.zeros_like(p)} for p in params}
-
-
 class Variant:
     name = "?"
 
-    def __init__(self, params, distribution="gaussian"):
+    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
         self.params = params
         self.distribution = distribution
+        # the base optimizer's state as after a first step (the memory bench hands in its own)
+        self.momentum_buffers = momentum_buffers or [torch.zeros_like(p) for p in params]
+
+    def _give_state(self, opt):
+        for p, b in zip(self.params, self.momentum_buffers):
+            opt.state[p]["momentum_buffer"] = b
 
     def passes(self) -> dict:
         """name -> callable; calling them in order is one cycle."""
@@ -68,14 +70,13 @@ class Fused(Variant):
     name = "fused"
     restore = "regenerate"
 
-    def __init__(self, params, distribution="gaussian", backend="cpp"):
-        super().__init__(params, distribution)
+    def __init__(self, params, distribution="gaussian", momentum_buffers=None, backend="cpp"):
+        super().__init__(params, distribution, momentum_buffers)
         # every tensor perturbed (a group alpha), as the eager variants do
         self.opt = ssgd_fused.SSGD([{"params": params, "noise": ALPHA}], torch.optim.SGD, lr=LR,
                                    momentum=MOMENTUM, distribution=distribution, seed=1, backend=backend,
                                    restore=self.restore)
-        for p in params:  # the base optimizer's state exists already (as after a first step)
-            self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self._give_state(self.opt)
         self._tids = list(range(len(params)))
         self._scales = None
 
@@ -94,7 +95,7 @@ class Fused(Variant):
 
     def update(self):
         ops.restore_update_sgd_(self.params, [p.grad for p in self.params],
-                                [self.opt.state[p]["momentum_buffer"] for p in self.params], self._scales, 1.0,
+                                self.momentum_buffers, self._scales, 1.0,
                                 0.5, sources=None, lr=LR, momentum=MOMENTUM, dampening=0.0, weight_decay=0.0,
                                 nesterov=False, maximize=False, init_momentum=[False] * len(self.params),
                                 **self._args())
@@ -120,21 +121,20 @@ class Reference(Fused):
     name = "reference"
     restore = "exact"
 
-    def __init__(self, params, distribution="gaussian"):
-        super().__init__(params, distribution, backend="reference")
+    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
+        super().__init__(params, distribution, momentum_buffers, backend="reference")
 
 
 class Eager(Variant):
     name = "eager"
 
-    def __init__(self, params, distribution="gaussian"):
-        super().__init__(params, distribution)
+    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
+        super().__init__(params, distribution, momentum_buffers)
         self.grads = [p.grad for p in params]
         self.backup = [torch.empty_like(p) for p in params]
         self.noise = [torch.empty_like(p) for p in params]
         self.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
-        for p in params:
-            self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self._give_state(self.opt)
 
     @torch.no_grad()
     def norms(self):
@@ -172,11 +172,10 @@ class Eager(Variant):
 class Naive(Variant):
     name = "naive"
 
-    def __init__(self, params, distribution="gaussian"):
-        super().__init__(params, distribution)
+    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
+        super().__init__(params, distribution, momentum_buffers)
         self.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
-        for p in params:
-            self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self._give_state(self.opt)
 
     @torch.no_grad()
     def cycle(self):
@@ -198,8 +197,8 @@ class Naive(Variant):
 class Compiled(Eager):
     name = "compiled"
 
-    def __init__(self, params, distribution="gaussian"):
-        super().__init__(params, distribution)
+    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
+        super().__init__(params, distribution, momentum_buffers)
         self._compiled = torch.compile(self._eager_cycle)
 
     def _eager_cycle(self):
@@ -220,11 +219,10 @@ class Compiled(Eager):
 class Sgd(Variant):
     name = "sgd"
 
-    def __init__(self, params, distribution="gaussian"):
-        super().__init__(params, distribution)
+    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
+        super().__init__(params, distribution, momentum_buffers)
         self.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
-        for p in params:
-            self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self._give_state(self.opt)
 
     def cycle(self):
         self.opt.step()

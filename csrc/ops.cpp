@@ -168,10 +168,19 @@ std::vector<Item> make_items(const std::vector<Job>& jobs) {
   return items;
 }
 
+// Below this many elements in all, waking the thread pool costs more than the work.
+constexpr int64_t SERIAL_BELOW = 1 << 17;
+
+int64_t grain_for(const std::vector<Item>& items) {
+  int64_t total = 0;
+  for (const Item& it : items) total += it.n;
+  return total < SERIAL_BELOW ? (int64_t)items.size() + 1 : 1;  // grain > count: runs inline
+}
+
 template <class F>
 void run_items(const std::vector<Job>& jobs, F&& f) {
   const std::vector<Item> items = make_items(jobs);
-  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a, int64_t b) {
+  at::parallel_for(0, (int64_t)items.size(), grain_for(items), [&](int64_t a, int64_t b) {
     for (int64_t k = a; k < b; ++k) {
       const Item& it = items[k];
       Range r = jobs[it.job].base;
@@ -227,7 +236,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> norms_op(at::Tensor
   }
   std::vector<double> pw(off.back(), 0.0), pu(off.back(), 0.0);
   const KernelTable* t = active();
-  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t a, int64_t b) {
+  at::parallel_for(0, (int64_t)items.size(), grain_for(items), [&](int64_t a, int64_t b) {
     for (int64_t k = a; k < b; ++k) {
       const Item& it = items[k];
       Range r = jobs[it.job].base;
