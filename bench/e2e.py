@@ -6,12 +6,14 @@ is what the fused path makes small (goal: at most 2.05x SGD).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import ssgd_fused
-from bench.run import time_fn
+from bench.run import _summary
 from ssgd_fused.demo import DigitsCNN
 
 
@@ -36,39 +38,52 @@ def _models():
            torch.randint(0, 10, (16,), generator=g))
 
 
+def _stepper(kind, cls, x, y):
+    torch.manual_seed(0)
+    model = cls()
+    kw = dict(lr=0.01, momentum=0.9)
+    if kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), **kw)
+    else:
+        opt = ssgd_fused.SSGD(model.parameters(), torch.optim.SGD, noise=0.5, seed=0,
+                              backend="cpp" if kind == "ssgd_fused" else "reference", **kw)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def step():
+        if kind == "sgd":
+            opt.zero_grad()
+            closure()
+            opt.step()
+        else:
+            opt.step(closure)
+
+    return model, step
+
+
 def run_e2e(reps: int = 10, kinds=("sgd", "ssgd_fused", "ssgd_reference")):
+    """Training-step times, the optimizers of one model timed round-robin (one step each per round)."""
     rows = []
     for name, cls, x, y in _models():
-        base = None
-        for kind in kinds:
-            torch.manual_seed(0)
-            model = cls()
-            kw = dict(lr=0.01, momentum=0.9)
-            if kind == "sgd":
-                opt = torch.optim.SGD(model.parameters(), **kw)
-            else:
-                opt = ssgd_fused.SSGD(model.parameters(), torch.optim.SGD, noise=0.5, seed=0,
-                                      backend="cpp" if kind == "ssgd_fused" else "reference", **kw)
-
-            def closure():
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
-            if kind == "sgd":
-                def step():
-                    opt.zero_grad()
-                    closure()
-                    opt.step()
-            else:
-                def step():
-                    opt.step(closure)
-
-            t = time_fn(step, reps=reps, warmup=2)
+        steppers = {k: _stepper(k, cls, x, y) for k in kinds}
+        times = {k: [] for k in kinds}
+        for _ in range(2):
+            for _, step in steppers.values():
+                step()
+        for _ in range(reps):
+            for k, (_, step) in steppers.items():
+                t0 = time.perf_counter()
+                step()
+                times[k].append(time.perf_counter() - t0)
+        base = _summary(times["sgd"])["median_ms"] if "sgd" in times else None
+        for k, (model, _) in steppers.items():
+            t = _summary(times[k])
             n = sum(p.numel() for p in model.parameters())
-            if kind == "sgd":
-                base = t["median_ms"]
-            rows.append({"model": name, "params": n, "optimizer": kind, **t, "x_sgd": t["median_ms"] / base})
+            rows.append({"model": name, "params": n, "optimizer": k, **t,
+                         "x_sgd": t["median_ms"] / base if base else float("nan")})
     return rows
 
 

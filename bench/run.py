@@ -30,9 +30,7 @@ def time_fn(f, reps: int = 5, warmup: int = 1):
         t0 = time.perf_counter()
         f()
         ts.append(time.perf_counter() - t0)
-    ts.sort()
-    q = lambda x: ts[min(len(ts) - 1, int(x * len(ts)))]  # noqa: E731
-    return {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * q(0.2), "p80_ms": 1e3 * q(0.8)}
+    return _summary(ts)
 
 
 def add_bandwidth(n: int = 1 << 25, reps: int = 5) -> float:
@@ -123,32 +121,51 @@ def machine_info() -> dict:
 
 
 # ---- a run --------------------------------------------------------------------------------------
+def _summary(ts):
+    ts = sorted(ts)
+    q = lambda x: ts[min(len(ts) - 1, int(x * len(ts)))]  # noqa: E731
+    return {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * q(0.2), "p80_ms": 1e3 * q(0.8)}
+
+
 def run(sets, dtypes, dists, variants, reps=5, per_pass=True, memory=False, progress=None):
-    """Times every (set, dtype, distribution, variant); returns the rows and the bandwidth."""
+    """Times every (set, dtype, distribution, variant); returns the rows and the bandwidth.
+
+    The variants of one (set, dtype, distribution) are timed round-robin, one cycle each per round,
+    so that a slow spell of a shared machine hits all of them alike and their ratios hold."""
     bw = add_bandwidth()
     rows = []
-    jobs = [(s, d, dist, v) for s in sets for d in dtypes for dist in dists for v in variants]
-    for set_name, dtype, dist, vname in jobs:
-        if progress:
-            progress(f"{set_name} {dtype} {dist} {vname}")
-        dt = getattr(torch, dtype)
-        params = shapes.make(set_name, dt)
-        n = sum(p.numel() for p in params)
-        v = VARIANTS[vname](params, dist)
-        passes = v.passes() if per_pass else {}
-        timed = {"cycle": v.cycle}
-        if len(passes) > 1:
-            timed.update(passes)
-        for pname, f in timed.items():
-            t = time_fn(f, reps=reps if vname != "reference" else max(1, reps // 3))
-            row = {"set": set_name, "params": n, "dtype": dtype, "dist": dist, "variant": vname, "pass": pname, **t}
-            if pname == "cycle":
-                moved = BYTES_PER_ELEM[vname] * n * (dt.itemsize / 4)
-                row["gbps"] = moved / (t["median_ms"] / 1e3) / 1e9
-                row["floor_ms"] = 1e3 * moved / (bw * 1e9)
-            rows.append(row)
-        del v, params
-        gc.collect()
+    for set_name in sets:
+        for dtype in dtypes:
+            dt = getattr(torch, dtype)
+            for dist in dists:
+                built = {}
+                for vname in variants:
+                    if progress:
+                        progress(f"{set_name} {dtype} {dist} {vname}")
+                    built[vname] = VARIANTS[vname](shapes.make(set_name, dt), dist)
+                    built[vname].cycle()  # warm-up (and torch.compile's compilation)
+                n = sum(p.numel() for p in next(iter(built.values())).params)
+                times = {v: [] for v in built}
+                for r in range(reps):
+                    for vname, v in built.items():
+                        if vname == "reference" and r >= max(1, reps // 3):
+                            continue
+                        t0 = time.perf_counter()
+                        v.cycle()
+                        times[vname].append(time.perf_counter() - t0)
+                for vname, v in built.items():
+                    moved = BYTES_PER_ELEM[vname] * n * (dt.itemsize / 4)
+                    t = _summary(times[vname])
+                    rows.append({"set": set_name, "params": n, "dtype": dtype, "dist": dist, "variant": vname,
+                                 "pass": "cycle", **t, "gbps": moved / (t["median_ms"] / 1e3) / 1e9,
+                                 "floor_ms": 1e3 * moved / (bw * 1e9)})
+                    passes = v.passes() if per_pass else {}
+                    if len(passes) > 1:
+                        for pname, f in passes.items():
+                            rows.append({"set": set_name, "params": n, "dtype": dtype, "dist": dist,
+                                         "variant": vname, "pass": pname, **time_fn(f, reps=reps)})
+                del built
+                gc.collect()
     # derived: speed-up over eager S-SGD and ratio to the fused cycle's memory floor
     cycles = {(r["set"], r["dtype"], r["dist"], r["variant"]): r for r in rows if r["pass"] == "cycle"}
     for r in rows:

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -178,18 +179,24 @@ int64_t grain_for(const std::vector<Item>& items) {
 }
 
 template <class F>
-void run_items(const std::vector<Job>& jobs, F&& f) {
-  const std::vector<Item> items = make_items(jobs);
+void run_items(const std::vector<Job>& jobs, const std::vector<Item>& items, F&& f) {
   at::parallel_for(0, (int64_t)items.size(), grain_for(items), [&](int64_t a, int64_t b) {
     for (int64_t k = a; k < b; ++k) {
       const Item& it = items[k];
       Range r = jobs[it.job].base;
       r.e0 = it.e0;
       r.n = it.n;
-      f(it.job, r);
+      f(it.job, r, (size_t)k);
     }
   });
 }
+
+template <class F>
+void run_items(const std::vector<Job>& jobs, F&& f) {
+  run_items(jobs, make_items(jobs), [&](int32_t j, const Range& r, size_t) { f(j, r); });
+}
+
+
 
 const at::Tensor* source_of(const c10::optional<at::TensorList>& sources, int64_t i) {
   return (sources.has_value() && (*sources)[i].defined()) ? &(*sources)[i] : nullptr;
@@ -221,20 +228,55 @@ at::Tensor noise_op(int64_t numel, int64_t seed, int64_t step, int64_t tensor_id
   return out;
 }
 
+// Per-(item, touched row) partial sums of ||w||^2 and ||u||^2, reduced in item order so that the
+// result does not depend on the number of threads.
+struct NormPartials {
+  std::vector<int64_t> off;
+  std::vector<double> pw, pu;
+
+  NormPartials(const std::vector<Job>& jobs, const std::vector<Item>& items) : off(items.size() + 1, 0) {
+    for (size_t k = 0; k < items.size(); ++k) {
+      const Item& it = items[k];
+      const int64_t L = jobs[it.job].base.row_len;
+      off[k + 1] = off[k] + ((it.e0 + it.n - 1) / L - it.e0 / L + 1);
+    }
+    pw.assign(off.back(), 0.0);
+    pu.assign(off.back(), 0.0);
+  }
+
+  // adds item k's sums; `r` is the item's range with the stream whose ||u|| is wanted
+  void add(const KernelTable* t, DT dt, const void* w, const Range& r, size_t k) {
+    t->norms(dt, w, r, &pw[off[k]], &pu[off[k]]);
+  }
+
+  // writes the per-row totals into w2[j], u2[j] (float64, one entry per row) for tensors with numel > 0
+  void finish_into(const std::vector<Job>& jobs, const std::vector<Item>& items, at::TensorList w2,
+                   at::TensorList u2) const {
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      w2[j].zero_();
+      u2[j].zero_();
+    }
+    for (size_t k = 0; k < items.size(); ++k) {  // fixed order: independent of the thread count
+      const Item& it = items[k];
+      if (w2[it.job].numel() == 0) continue;
+      const int64_t L = jobs[it.job].base.row_len, r0 = it.e0 / L;
+      double* w = w2[it.job].data_ptr<double>();
+      double* u = u2[it.job].data_ptr<double>();
+      for (int64_t q = 0; q < off[k + 1] - off[k]; ++q) {
+        w[r0 + q] += pw[off[k] + q];
+        u[r0 + q] += pu[off[k] + q];
+      }
+    }
+  }
+};
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> norms_op(at::TensorList params, int64_t seed,
                                                                       int64_t step, at::IntArrayRef tensor_ids,
                                                                       int64_t sample, std::string distribution,
                                                                       bool filter) {
   std::vector<Job> jobs = make_jobs(params, {}, 0.0, seed, step, tensor_ids, sample, distribution, filter);
   const std::vector<Item> items = make_items(jobs);
-  // partial sums per (item, touched row)
-  std::vector<int64_t> off(items.size() + 1, 0);
-  for (size_t k = 0; k < items.size(); ++k) {
-    const Item& it = items[k];
-    const int64_t L = jobs[it.job].base.row_len;
-    off[k + 1] = off[k] + ((it.e0 + it.n - 1) / L - it.e0 / L + 1);
-  }
-  std::vector<double> pw(off.back(), 0.0), pu(off.back(), 0.0);
+  NormPartials parts(jobs, items);
   const KernelTable* t = active();
   at::parallel_for(0, (int64_t)items.size(), grain_for(items), [&](int64_t a, int64_t b) {
     for (int64_t k = a; k < b; ++k) {
@@ -242,25 +284,15 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> norms_op(at::Tensor
       Range r = jobs[it.job].base;
       r.e0 = it.e0;
       r.n = it.n;
-      t->norms(dtype_of(params[it.job], "params", it.job), params[it.job].data_ptr(), r, &pw[off[k]], &pu[off[k]]);
+      parts.add(t, dtype_of(params[it.job], "params", it.job), params[it.job].data_ptr(), r, k);
     }
   });
   std::vector<at::Tensor> w2, u2;
   for (size_t j = 0; j < jobs.size(); ++j) {
-    const int64_t rows = rows_of(params[j], filter);
-    w2.push_back(at::zeros({rows}, at::kDouble));
-    u2.push_back(at::zeros({rows}, at::kDouble));
+    w2.push_back(at::empty({rows_of(params[j], filter)}, at::kDouble));
+    u2.push_back(at::empty({rows_of(params[j], filter)}, at::kDouble));
   }
-  for (size_t k = 0; k < items.size(); ++k) {  // fixed order: independent of the thread count
-    const Item& it = items[k];
-    const int64_t L = jobs[it.job].base.row_len, r0 = it.e0 / L;
-    double* w = w2[it.job].data_ptr<double>();
-    double* u = u2[it.job].data_ptr<double>();
-    for (int64_t q = 0; q < off[k + 1] - off[k]; ++q) {
-      w[r0 + q] += pw[off[k] + q];
-      u[r0 + q] += pu[off[k] + q];
-    }
-  }
+  parts.finish_into(jobs, items, w2, u2);
   return {w2, u2};
 }
 
@@ -292,11 +324,53 @@ void restore_op(at::TensorList params, at::TensorList grads, at::TensorList scal
   });
 }
 
+// The update ops can also write the norms of the updated weights and of the next step's noise into
+// next_w_sq / next_u_sq (the next cycle then skips its norm pass): computed per item right after the
+// update, while the item's weights are still in cache. Entries with numel 0 are skipped; empty lists
+// turn it off.
+struct NextNorms {
+  at::TensorList w2, u2;
+  uint32_t step;
+  std::vector<Item> items;
+  std::unique_ptr<NormPartials> parts;
+
+  NextNorms(const std::vector<Job>& jobs, at::TensorList params, at::TensorList w2_, at::TensorList u2_,
+            int64_t next_step, bool filter)
+      : w2(w2_), u2(u2_), step((uint32_t)((uint64_t)next_step & 0xFFFFFFFFull)) {
+    items = make_items(jobs);
+    if (w2.empty() && u2.empty()) return;
+    TORCH_CHECK(w2.size() == jobs.size() && u2.size() == jobs.size(), "ssgd_fused: next_w_sq and next_u_sq need ",
+                "one entry per param (", jobs.size(), ") or none");
+    TORCH_CHECK(next_step >= 0, "ssgd_fused: next_step must be >= 0, got ", next_step);
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      for (const at::Tensor* t : {&w2[j], &u2[j]}) {
+        TORCH_CHECK(t->scalar_type() == at::kDouble && t->device().is_cpu() && t->is_contiguous(),
+                    "ssgd_fused: next_w_sq/next_u_sq[", j, "] must be contiguous float64 CPU tensors");
+        TORCH_CHECK(t->numel() == 0 || t->numel() == rows_of(params[j], filter), "ssgd_fused: next_w_sq/next_u_sq[",
+                    j, "] needs ", rows_of(params[j], filter), " entries (one per slice) or 0");
+      }
+    }
+    parts = std::make_unique<NormPartials>(jobs, items);
+  }
+
+  void add(const KernelTable* t, DT dt, const void* w, const Range& r, int32_t j, size_t k) {
+    if (!parts || w2[j].numel() == 0) return;
+    Range nr = r;
+    nr.st.step = step;
+    parts->add(t, dt, w, nr, k);
+  }
+
+  void finish(const std::vector<Job>& jobs) {
+    if (parts) parts->finish_into(jobs, items, w2, u2);
+  }
+};
+
 void restore_update_sgd_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                            at::TensorList scales, double coef, double grad_scale, int64_t seed, int64_t step,
                            at::IntArrayRef tensor_ids, int64_t sample, std::string distribution, bool filter,
                            c10::optional<at::TensorList> sources, double lr, double momentum, double dampening,
-                           double weight_decay, bool nesterov, bool maximize, c10::List<bool> init_momentum) {
+                           double weight_decay, bool nesterov, bool maximize, c10::List<bool> init_momentum,
+                           at::TensorList next_w_sq, at::TensorList next_u_sq, int64_t next_step) {
   std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
   check_sources(sources, params);
   const size_t n = params.size();
@@ -313,13 +387,17 @@ void restore_update_sgd_op(at::TensorList params, at::TensorList grads, at::Tens
   }
   SgdArgs base{(float)lr, (float)momentum, (float)(1.0 - dampening), (float)weight_decay, nesterov, maximize, false};
   const KernelTable* t = active();
-  run_items(jobs, [&](int32_t j, const Range& r) {
+  NextNorms next(jobs, params, next_w_sq, next_u_sq, next_step, filter);
+  run_items(jobs, next.items, [&](int32_t j, const Range& r, size_t k) {
     SgdArgs a = base;
     a.init_momentum = momentum != 0.0 && init_momentum.get(j);
     const at::Tensor* src = source_of(sources, j);
-    t->sgd(dtype_of(params[j], "params", j), params[j].data_ptr(), src ? src->data_ptr() : nullptr,
-           grads[j].data_ptr(), momentum != 0.0 ? momentum_buffers[j].data_ptr() : nullptr, (float)grad_scale, a, r);
+    const DT dt = dtype_of(params[j], "params", j);
+    t->sgd(dt, params[j].data_ptr(), src ? src->data_ptr() : nullptr, grads[j].data_ptr(),
+           momentum != 0.0 ? momentum_buffers[j].data_ptr() : nullptr, (float)grad_scale, a, r);
+    next.add(t, dt, params[j].data_ptr(), r, j, k);
   });
+  next.finish(jobs);
 }
 
 void restore_update_adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -328,7 +406,8 @@ void restore_update_adam_op(at::TensorList params, at::TensorList grads, at::Ten
                             int64_t sample, std::string distribution, bool filter,
                             c10::optional<at::TensorList> sources, at::ArrayRef<double> steps, double lr,
                             double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                            bool amsgrad, bool maximize) {
+                            bool amsgrad, bool maximize, at::TensorList next_w_sq, at::TensorList next_u_sq,
+                            int64_t next_step) {
   std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
   check_sources(sources, params);
   const size_t n = params.size();
@@ -360,12 +439,16 @@ void restore_update_adam_op(at::TensorList params, at::TensorList grads, at::Ten
     a.maximize = maximize;
   }
   const KernelTable* t = active();
-  run_items(jobs, [&](int32_t j, const Range& r) {
+  NextNorms next(jobs, params, next_w_sq, next_u_sq, next_step, filter);
+  run_items(jobs, next.items, [&](int32_t j, const Range& r, size_t k) {
     const at::Tensor* src = source_of(sources, j);
-    t->adam(dtype_of(params[j], "params", j), params[j].data_ptr(), src ? src->data_ptr() : nullptr,
-            grads[j].data_ptr(), exp_avgs[j].data_ptr(), exp_avg_sqs[j].data_ptr(),
-            amsgrad ? max_exp_avg_sqs[j].data_ptr() : nullptr, (float)grad_scale, args[j], r);
+    const DT dt = dtype_of(params[j], "params", j);
+    t->adam(dt, params[j].data_ptr(), src ? src->data_ptr() : nullptr, grads[j].data_ptr(), exp_avgs[j].data_ptr(),
+            exp_avg_sqs[j].data_ptr(), amsgrad ? max_exp_avg_sqs[j].data_ptr() : nullptr, (float)grad_scale, args[j],
+            r);
+    next.add(t, dt, params[j].data_ptr(), r, j, k);
   });
+  next.finish(jobs);
 }
 
 }  // namespace

@@ -29,13 +29,15 @@ SCHEMAS = {
     "restore_update_sgd_": (
         "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor[] scales, "
         f"float coef, float grad_scale, {_NOISE_ARGS}, Tensor[]? sources, float lr, float momentum, "
-        "float dampening, float weight_decay, bool nesterov, bool maximize, bool[] init_momentum) -> ()"
+        "float dampening, float weight_decay, bool nesterov, bool maximize, bool[] init_momentum, "
+        "Tensor(d!)[] next_w_sq, Tensor(e!)[] next_u_sq, int next_step) -> ()"
     ),
     "restore_update_adam_": (
         "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
         "Tensor(e!)[] max_exp_avg_sqs, Tensor[] scales, float coef, float grad_scale, "
         f"{_NOISE_ARGS}, Tensor[]? sources, float[] steps, float lr, float beta1, float beta2, "
-        "float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize) -> ()"
+        "float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize, "
+        "Tensor(f!)[] next_w_sq, Tensor(g!)[] next_u_sq, int next_step) -> ()"
     ),
 }
 
@@ -132,30 +134,44 @@ def norms(params, seed, step, tensor_ids, sample, distribution, filter):
     return _op("norms")(params, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter)
 
 
+def _bump(*lists):
+    """In-place writes by these ops bump the tensors' version counters, as torch's in-place ops do
+    (autograd's saved-tensor checks and the optimizer's norm cache rely on them)."""
+    for ts in lists:
+        if ts:
+            torch.autograd.graph.increment_version(ts)
+
+
 def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None):
     _op("perturb_")(params, scales, coef, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter,
                     sources)
+    _bump(params)
 
 
 def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter,
              sources=None):
     _op("restore_")(params, grads, scales, coef, grad_scale, seed_to_i64(seed), step, tensor_ids, sample,
                     distribution, filter, sources)
+    _bump(params, grads)
 
 
 def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids,
                         sample, distribution, filter, sources, *, lr, momentum, dampening, weight_decay,
-                        nesterov, maximize, init_momentum):
-    _op("restore_update_sgd_")(params, grads, momentum_buffers, scales, coef, grad_scale, seed_to_i64(seed),
-                               step, tensor_ids, sample, distribution, filter, sources, lr, momentum,
-                               dampening, weight_decay, nesterov, maximize, init_momentum)
+                        nesterov, maximize, init_momentum, next_w_sq=(), next_u_sq=(), next_step=0):
+    _op("restore_update_sgd_")(params, grads, momentum_buffers, scales, coef, grad_scale, seed_to_i64(seed), step,
+                               tensor_ids, sample, distribution, filter, sources, lr, momentum, dampening,
+                               weight_decay, nesterov, maximize, init_momentum, list(next_w_sq), list(next_u_sq),
+                               next_step)
+    _bump(params, grads, momentum_buffers)
 
 
 def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
                          seed, step, tensor_ids, sample, distribution, filter, sources, *, steps, lr, beta1,
-                         beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):
-    _op("restore_update_adam_")(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef,
-                                grad_scale, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter,
-                                sources, [float(s) for s in steps], lr, beta1, beta2, eps, weight_decay,
-                                decoupled_weight_decay, amsgrad, maximize)
-
+                         beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, next_w_sq=(),
+                         next_u_sq=(), next_step=0):
+    _op("restore_update_adam_")(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
+                                seed_to_i64(seed), step, tensor_ids, sample, distribution, filter, sources,
+                                [float(s) for s in steps], lr, beta1, beta2, eps, weight_decay,
+                                decoupled_weight_decay, amsgrad, maximize, list(next_w_sq), list(next_u_sq),
+                                next_step)
+    _bump(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)

@@ -131,6 +131,7 @@ class SSGD(torch.optim.Optimizer):
         self.restore = restore
         self.noise_step = 0  # completed noise cycles; the spec's `step` counter
         self._plan: _Plan | None = None
+        self._norm_cache: dict = {}  # {"key": (seed, step, ...), "entries": {p: (w_sq, u_sq, p._version)}}
         self._twin_ready = False
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
         self.backend = self._resolve_backend(backend)
@@ -214,9 +215,23 @@ class SSGD(torch.optim.Optimizer):
         plan = _Plan(params, tids, [], None, self.noise_step)
         args = self._noise_args(plan)
         if params:
-            w_sq, u_sq = self._engine.norms(params, tensor_ids=tids, **args)
+            # norms left by the previous step's fused update, where the weights have not changed since
+            cached = self._norm_cache.pop("entries", {}) if self._norm_cache.get("key") == self._cache_key(plan.step) \
+                else {}
+            self._norm_cache.clear()
+            hit = [cached.get(p) for p in params]
+            hit = [h if h is not None and h[2] == p._version else None for h, p in zip(hit, params)]
+            miss = [i for i, h in enumerate(hit) if h is None]
+            w_sq, u_sq = [h[0] if h else None for h in hit], [h[1] if h else None for h in hit]
+            if miss:
+                w, u = self._engine.norms([params[i] for i in miss], tensor_ids=[tids[i] for i in miss], **args)
+                for i, a, b in zip(miss, w, u):
+                    w_sq[i], u_sq[i] = a, b
             plan.scales = _reference.scales_from_norms(w_sq, u_sq, alphas)
         return plan
+
+    def _cache_key(self, step):
+        return (self.seed, step, self.distribution, self.scope)
 
     @torch.no_grad()
     def _move(self, plan: _Plan, target: float, grads=None, grad_scale: float = 1.0):
@@ -337,6 +352,7 @@ class SSGD(torch.optim.Optimizer):
             for p in g["params"]:
                 tids[p] = tid
                 tid += 1
+        next_norms = {}
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
             # exact tensors rebuild from their clean copy (coef 0); the rest re-add the noise
@@ -349,16 +365,23 @@ class SSGD(torch.optim.Optimizer):
                               **args)
                 scales = [info[p][0] if p in info else empty for p in ps]
                 grads = [p.grad for p in ps]
+                # the kernel also measures the updated weights and the next step's noise
+                rows = [_reference.num_slices(p, self.scope == "filter") if p in info else 0 for p in ps]
+                nw = [torch.empty(r, dtype=torch.float64) for r in rows]
+                nu = [torch.empty(r, dtype=torch.float64) for r in rows]
+                common.update(next_w_sq=nw, next_u_sq=nu, next_step=plan.step + 1)
                 if kind is torch.optim.SGD:
                     self._fused_sgd(group, ps, grads, scales, coef, grad_scale, common)
                 else:
                     self._fused_adam(group, ps, grads, scales, coef, grad_scale, common)
+                next_norms.update({p: (w, u, p._version) for p, w, u, r in zip(ps, nw, nu, rows) if r})
         for p in plan.params:  # perturbed parameters that received no gradient: restore only
             if p.grad is None:
                 s, src = info[p]
                 self._engine.perturb_([p], [s], 0.0 if src is not None else -plan.offset, tensor_ids=[tids[p]],
                                       sources=None if src is None else [src], **args)
         plan.offset = 0.0
+        self._norm_cache = {"key": self._cache_key(plan.step + 1), "entries": next_norms}
         return True
 
     def _fused_sgd(self, group, ps, grads, scales, coef, grad_scale, common):
@@ -465,6 +488,7 @@ class SSGD(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.seed = int(info["seed"])
         self.noise_step = int(info["step"])
+        self._norm_cache = {}
 
     def add_param_group(self, param_group):
         if not hasattr(self, "base_optimizer"):  # during torch.optim.Optimizer.__init__
@@ -479,6 +503,7 @@ class SSGD(torch.optim.Optimizer):
         param_group = {**param_group, "params": params}
         param_group.setdefault("noise", None)
         self.base_optimizer.add_param_group(param_group)
+        self._norm_cache = {}
 
     def __repr__(self):
         return (f"SSGD(noise={self.noise}, distribution={self.distribution!r}, scope={self.scope!r}, "

@@ -109,13 +109,16 @@ def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sa
 @torch.no_grad()
 def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids,
                         sample, distribution, filter, sources, *, lr, momentum, dampening, weight_decay,
-                        nesterov, maximize, init_momentum):
+                        nesterov, maximize, init_momentum, next_w_sq=(), next_u_sq=(), next_step=0):
     """Restore (as restore_), then torch.optim.SGD's update with the scaled gradient.
 
     The update is torch.optim.SGD's own op sequence, run in float32 (float64 for float64
     parameters) and rounded once to the parameter dtype: for float32 it is torch's result bit for
     bit. grads are overwritten with the scaled gradient (p.grad holds the mean gradient); where
-    init_momentum[i] the momentum buffer starts as this step's d_p (torch's clone)."""
+    init_momentum[i] the momentum buffer starts as this step's d_p (torch's clone).
+
+    next_w_sq / next_u_sq (optional, one float64 tensor per parameter, numel 0 to skip): receive
+    norms(updated weights) for step next_step, so that the next cycle can skip its norm pass."""
     for i, (p, g, s, tid) in enumerate(zip(params, grads, scales, tensor_ids)):
         src = sources[i] if sources is not None else None
         w = _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter)
@@ -133,15 +136,25 @@ def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scal
             b = buf.to(w.dtype)  # what was stored (16-bit buffers round)
             d = d.add(b, alpha=momentum) if nesterov else b
         p.copy_(w.add_(d, alpha=-lr))
+    _next_norms(params, next_w_sq, next_u_sq, seed, next_step, tensor_ids, sample, distribution, filter)
+
+
+def _next_norms(params, next_w_sq, next_u_sq, seed, step, tensor_ids, sample, distribution, filter):
+    for p, w_out, u_out, tid in zip(params, next_w_sq, next_u_sq, tensor_ids):
+        if w_out.numel():
+            (w2,), (u2,) = norms([p], seed, step, [tid], sample, distribution, filter)
+            w_out.copy_(w2)
+            u_out.copy_(u2)
 
 
 @torch.no_grad()
 def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
                          seed, step, tensor_ids, sample, distribution, filter, sources, *, steps, lr, beta1,
-                         beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):
+                         beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, next_w_sq=(),
+                         next_u_sq=(), next_step=0):
     """Restore (as restore_), then torch.optim.Adam / AdamW's update (torch's op sequence, in
     float32, 16-bit state rounded once per write). steps[i] is the parameter's Adam step count
-    AFTER this step's increment."""
+    AFTER this step's increment. next_w_sq / next_u_sq: as in restore_update_sgd_."""
     for i, (p, g, s, tid) in enumerate(zip(params, grads, scales, tensor_ids)):
         src = sources[i] if sources is not None else None
         w = _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter)
@@ -164,3 +177,4 @@ def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         bc2_sqrt = (1 - beta2**t) ** 0.5
         denom = (v.sqrt() / bc2_sqrt).add_(eps)
         p.copy_(w.addcdiv_(m, denom, value=-step_size))
+    _next_norms(params, next_w_sq, next_u_sq, seed, next_step, tensor_ids, sample, distribution, filter)

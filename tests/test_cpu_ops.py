@@ -321,9 +321,9 @@ def _opcheck_samples():
         "perturb_": (clone(p), s, 1.0, *na, None),
         "restore_": (clone(p), clone(g), s, 1.0, 0.5, *na, clone(p)),
         "restore_update_sgd_": (clone(p), clone(g), clone(g), s, 1.0, 0.5, *na, None, 0.1, 0.9, 0.0, 1e-4, True,
-                                False, [True, False]),
+                                False, [True, False], [], [], 0),
         "restore_update_adam_": (clone(p), clone(g), clone(g), [x.abs() for x in g], [], s, 1.0, 0.5, *na, None,
-                                 [1.0, 2.0], 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False),
+                                 [1.0, 2.0], 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, [], [], 0),
     }
 
 
@@ -331,3 +331,48 @@ def _opcheck_samples():
 def test_opcheck(cpp, name):
     args = _opcheck_samples()[name]
     torch.library.opcheck(getattr(torch.ops.ssgd_fused, name), args)
+
+
+@pytest.mark.parametrize("filter", [False, True], ids=["tensor", "filter"])
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("which", ["sgd", "adam"])
+def test_update_also_measures_next_step_norms(isa, which, dist, filter):
+    """The update ops' next_w_sq / next_u_sq equal a norms pass over the updated weights with the
+    next step's stream; entries of size 0 are skipped (poisoned outputs prove every row written)."""
+    params = make_params(SHAPES, torch.float32)
+    grads = make_params(SHAPES, torch.float32, gen_seed=1)
+    scales = scales_for(params, dist, filter)
+    tids = list(range(len(params)))
+    rows = [ref.num_slices(p, filter) for p in params]
+    rows[2] = 0
+    nw = [torch.full((r,), float("nan"), dtype=torch.float64) for r in rows]
+    nu = [torch.full((r,), float("nan"), dtype=torch.float64) for r in rows]
+    common = (scales, 1.0, 0.5, SEED, 5, tids, 0, dist, filter, None)
+    if which == "sgd":
+        ops.restore_update_sgd_(params, grads, [torch.zeros_like(p) for p in params], *common, lr=0.1, momentum=0.9,
+                                dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                                init_momentum=[True] * len(params), next_w_sq=nw, next_u_sq=nu, next_step=6)
+    else:
+        z = [torch.zeros_like(p) for p in params]
+        ops.restore_update_adam_(params, grads, z, [torch.zeros_like(p) for p in params], [], *common,
+                                 steps=[1.0] * len(params), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                                 weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False, maximize=False,
+                                 next_w_sq=nw, next_u_sq=nu, next_step=6)
+    w2, u2 = ops.norms(params, SEED, 6, tids, 0, dist, filter)
+    for i in range(len(params)):
+        if rows[i] == 0:
+            assert nw[i].numel() == 0
+            continue
+        torch.testing.assert_close(nw[i], w2[i], rtol=1e-12, atol=0)
+        torch.testing.assert_close(nu[i], u2[i], rtol=1e-12, atol=0)
+
+
+def test_opcheck_with_next_norms(cpp):
+    p = [torch.randn(7, 5), torch.randn(13)]
+    g = [torch.randn(7, 5), torch.randn(13)]
+    s = [torch.full((1,), 0.01, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+    nw = [torch.empty(1, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+    nu = [torch.empty(1, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+    args = (p, g, [torch.zeros_like(x) for x in g], s, 1.0, 0.5, 3, 3, [0, 1], 0, "gaussian", False, None, 0.1, 0.9,
+            0.0, 0.0, False, False, [True, True], nw, nu, 4)
+    torch.library.opcheck(torch.ops.ssgd_fused.restore_update_sgd_, args)

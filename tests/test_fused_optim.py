@@ -117,3 +117,34 @@ def test_fused_step_allocates_no_parameter_sized_tensor(base):
             assert first >= smallest_matrix
         else:
             assert largest < 4096, f"a {largest}-byte allocation during a fused step"
+
+
+def test_next_step_norms_are_reused_and_invalidated_by_weight_changes(monkeypatch):
+    """The fused update leaves the next step's norms; the next step uses them instead of a norm
+    pass, unless a weight changed in between (version counter), where it measures afresh."""
+    from ssgd_fused import ops
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x, y = make_data()
+    opt = SSGD(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, noise=0.5, backend="cpp")
+    calls = []
+    real_norms = ops.norms
+    monkeypatch.setattr(ops, "norms", lambda params, **kw: calls.append(len(params)) or real_norms(params, **kw))
+    opt.step(closure_for(model, x, y))
+    assert calls == [3]  # first step: the three weight matrices are measured
+    opt.step(closure_for(model, x, y))
+    assert calls == [3]  # second step: nothing to measure
+    with torch.no_grad():
+        model.fc1.weight.mul_(3.0)  # the user changes a weight between steps
+    seen = {}
+
+    def closure():
+        seen["fc1"] = model.fc1.weight.detach().clone()
+        return closure_for(model, x, y)()
+
+    clean = model.fc1.weight.detach().clone()
+    opt.step(closure)
+    assert calls == [3, 1]  # only the changed tensor is measured again
+    n = (seen["fc1"] - clean).norm() / clean.norm()
+    assert n.item() == pytest.approx(0.5, rel=1e-5)  # and its noise follows the new weights
