@@ -28,10 +28,11 @@ MOMENTUM = 0.9
 # bytes each variant must move per parameter element per cycle, for a 4-byte dtype (see DESIGN.md
 # section 6); 16-bit parameters move half for weights, gradients and buffers.
 BYTES_PER_ELEM = {
-    # N: read w | P: r/w w | F: r/w w | U: read w g m, write w g m
-    "fused": 4 + 8 + 8 + 24,
-    # + backup: write it in P (w read once), read it in U instead of regenerating
-    "exact": 4 + 12 + 8 + 28,
+    # P: r/w w | F: r/w w | U: read w g m, write w g m (the next step's norms are taken there too,
+    # from the weights in cache, so there is no separate norm pass)
+    "fused": 8 + 8 + 24,
+    # exact: P also writes the backup; F and U read it instead of w
+    "exact": 12 + 8 + 24,
     "reference": 4 + 12 + 8 + 28,
     # N: read w, write u, read u, r/w u (scale) | P: backup copy 8, w += u 12 | F: w -= 2u 12 |
     # U: copy back 8, grad *= .5 8, foreach SGD 32
@@ -80,30 +81,35 @@ class Fused(Variant):
         self._tids = list(range(len(params)))
         self._scales = None
 
-    def _args(self):
-        return dict(seed=1, step=0, tensor_ids=self._tids, sample=0, distribution=self.distribution, filter=False)
+    def _args(self, step=0):
+        return dict(seed=1, step=step, tensor_ids=self._tids, sample=0, distribution=self.distribution, filter=False)
 
     def norms(self):
         w2, u2 = ops.norms(self.params, **self._args())
         self._scales = ref.scales_from_norms(w2, u2, [ALPHA] * len(self.params))
 
     def perturb(self):
+        if self._scales is None:  # the first cycle measures; later ones reuse the update's norms
+            self.norms()
         ops.perturb_(self.params, self._scales, 1.0, **self._args())
 
     def flip(self):
         ops.perturb_(self.params, self._scales, -2.0, **self._args())
 
     def update(self):
-        ops.restore_update_sgd_(self.params, [p.grad for p in self.params],
-                                self.momentum_buffers, self._scales, 1.0,
+        nw = [torch.empty(1, dtype=torch.float64) for _ in self.params]
+        nu = [torch.empty(1, dtype=torch.float64) for _ in self.params]
+        ops.restore_update_sgd_(self.params, [p.grad for p in self.params], self.momentum_buffers, self._scales, 1.0,
                                 0.5, sources=None, lr=LR, momentum=MOMENTUM, dampening=0.0, weight_decay=0.0,
                                 nesterov=False, maximize=False, init_momentum=[False] * len(self.params),
-                                **self._args())
+                                next_w_sq=nw, next_u_sq=nu, next_step=0, **self._args())
+        self._scales = ref.scales_from_norms(nw, nu, [ALPHA] * len(self.params))
 
     def passes(self):
+        """The optimizer's steady state: the update pass also measures the next step's norms."""
         if self.restore != "regenerate":
             return {"cycle": self.cycle}
-        return {"norms": self.norms, "perturb": self.perturb, "flip": self.flip, "restore+update": self.update}
+        return {"perturb": self.perturb, "flip": self.flip, "restore+update+norms": self.update}
 
     def cycle(self):
         opt = self.opt
