@@ -23,6 +23,10 @@ constexpr int64_t SUB = 3072;  // elements per generated sub-block: 12 KiB of no
 using namespace spec;
 
 SSGD_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+template <bool B>
+struct Flag {  // a compile-time bool for generic lambdas (no <type_traits> in this header)
+  static constexpr bool value = B;
+};
 SSGD_INLINE uint32_t f2u(float f) { uint32_t u; __builtin_memcpy(&u, &f, 4); return u; }
 SSGD_INLINE float u2f(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 
@@ -189,10 +193,33 @@ struct BF16 {
     return (T)((rounded & ~nan) | (quiet & nan));
   }
 };
+// IEEE half by bit manipulation (GCC has no vector type for _Float16 without AVX512-FP16, so the
+// conversions would stay scalar library calls); round to nearest even, NaN stays NaN.
 struct F16 {
-  using T = _Float16;
-  SSGD_INLINE float ld(T x) { return (float)x; }
-  SSGD_INLINE T st(float x) { return (T)x; }
+  using T = uint16_t;
+  SSGD_INLINE float ld(T x) {
+    const uint32_t h = x, em = h & 0x7FFFu;
+    const uint32_t sign = (h & 0x8000u) << 16;
+    const float scaled = u2f(em << 13) * 0x1p112f;  // normals and subnormals: rebias by a multiply
+    const uint32_t special = (em << 13) | 0x7F800000u;  // inf / NaN
+    const uint32_t big = 0u - (uint32_t)(em >= 0x7C00u);
+    return u2f(((f2u(scaled) & ~big) | (special & big)) | sign);
+  }
+  SSGD_INLINE T st(float x) {
+    uint32_t u = f2u(x);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    // normal results: round the 13 dropped bits to nearest even, rebias the exponent
+    const uint32_t normal = (u + ((uint32_t)(15 - 127) << 23) + 0xFFFu + ((u >> 13) & 1u)) >> 13;
+    // subnormal results: let the FPU round by adding a magic number
+    const float magic = u2f((uint32_t)((127 - 15) + (23 - 10) + 1) << 23);
+    const uint32_t sub = f2u(u2f(u) + magic) - f2u(magic);
+    const uint32_t over = u > 0x7F800000u ? 0x7E00u : 0x7C00u;  // NaN -> quiet NaN; inf, overflow -> inf
+    const uint32_t is_over = 0u - (uint32_t)(u >= ((uint32_t)(127 + 16) << 23));
+    const uint32_t is_sub = 0u - (uint32_t)(u < ((uint32_t)113 << 23));
+    const uint32_t r = (over & is_over) | (sub & is_sub & ~is_over) | (normal & ~is_sub & ~is_over);
+    return (T)(r | (sign >> 16));
+  }
 };
 
 // Calls f(i0, i1, u, cs, row) for each row segment of r, u pointing at element i0's noise (nullptr
@@ -312,25 +339,34 @@ static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, cons
   const bool init = a.init_momentum;
   for_segments(r, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
     const T* __restrict base = src ? src : w;
-    const float csu = u ? cs : 0.0f;
-    const float* uu = u ? u - i0 : nullptr;
+    const float* __restrict uu = u ? u - i0 : nullptr;
+    // the per-segment conditions are hoisted out of the loop, so that its body has no masked loads
+    auto loop = [&](auto noisy, auto first) {
+      constexpr bool NOISY = decltype(noisy)::value, FIRST = decltype(first)::value;
 #pragma omp simd
-    for (int64_t i = i0; i < i1; ++i) {
-      float wi = S::ld(base[i]);
-      if (uu) wi = wi + csu * uu[i];
-      float gi = S::ld(g[i]) * gs;
-      T gt = S::st(gi);
-      g[i] = gt;
-      float d = sgn * S::ld(gt);
-      if (WD) d = __builtin_fmaf(wi, wd, d);
-      if (MOM) {
-        float b = init ? d : __builtin_fmaf(d, omd, S::ld(buf[i]) * m);
-        T bt = S::st(b);
-        buf[i] = bt;
-        b = S::ld(bt);
-        d = NEST ? __builtin_fmaf(b, m, d) : b;
+      for (int64_t i = i0; i < i1; ++i) {
+        float wi = S::ld(base[i]);
+        if (NOISY) wi = wi + cs * uu[i];
+        T gt = S::st(S::ld(g[i]) * gs);
+        g[i] = gt;
+        float d = sgn * S::ld(gt);
+        if (WD) d = __builtin_fmaf(wi, wd, d);
+        if (MOM) {
+          float b = FIRST ? d : __builtin_fmaf(d, omd, S::ld(buf[i]) * m);
+          T bt = S::st(b);
+          buf[i] = bt;
+          b = S::ld(bt);
+          d = NEST ? __builtin_fmaf(b, m, d) : b;
+        }
+        w[i] = S::st(__builtin_fmaf(d, lr, wi));
       }
-      w[i] = S::st(__builtin_fmaf(d, lr, wi));
+    };
+    if (uu) {
+      if (init) loop(Flag<true>{}, Flag<true>{});
+      else loop(Flag<true>{}, Flag<false>{});
+    } else {
+      if (init) loop(Flag<false>{}, Flag<true>{});
+      else loop(Flag<false>{}, Flag<false>{});
     }
   });
 }
@@ -354,35 +390,39 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
   const bool small_w = w1 < 0.5f;  // ATen lerp: fma(w, end - start, start) or fma(w - 1, end - start, end)
   for_segments(r, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
     const T* __restrict base = src ? src : w;
-    const float csu = u ? cs : 0.0f;
-    const float* uu = u ? u - i0 : nullptr;
+    const float* __restrict uu = u ? u - i0 : nullptr;
+    auto loop = [&](auto noisy) {
+      constexpr bool NOISY = decltype(noisy)::value;
 #pragma omp simd
-    for (int64_t i = i0; i < i1; ++i) {
-      float wi = S::ld(base[i]);
-      if (uu) wi = wi + csu * uu[i];
-      T gt = S::st(S::ld(g[i]) * gs);
-      g[i] = gt;
-      float d = sgn * S::ld(gt);
-      if (decoupled_wd) wi = wi * decay;
-      if (coupled_wd) d = __builtin_fmaf(wi, wd, d);
-      float mo = S::ld(m1[i]);
-      float diff = d - mo;
-      float mn = __builtin_fmaf(small_w ? w1 : w1 - 1.0f, diff, small_w ? mo : d);  // ATen lerp
-      T mt = S::st(mn);
-      m1[i] = mt;
-      float vn = __builtin_fmaf(omb2 * d, d, S::ld(m2[i]) * b2);  // mul_ then ATen addcmul
-      T vt = S::st(vn);
-      m2[i] = vt;
-      float vf = S::ld(vt);
-      if (AMS) {
-        float xo = S::ld(mx[i]);
-        float xn = xo > vf ? xo : vf;
-        mx[i] = S::st(xn);
-        vf = xn;
+      for (int64_t i = i0; i < i1; ++i) {
+        float wi = S::ld(base[i]);
+        if (NOISY) wi = wi + cs * uu[i];
+        T gt = S::st(S::ld(g[i]) * gs);
+        g[i] = gt;
+        float d = sgn * S::ld(gt);
+        if (decoupled_wd) wi = wi * decay;
+        if (coupled_wd) d = __builtin_fmaf(wi, wd, d);
+        float mo = S::ld(m1[i]);
+        float diff = d - mo;
+        float mn = __builtin_fmaf(small_w ? w1 : w1 - 1.0f, diff, small_w ? mo : d);  // ATen lerp
+        T mt = S::st(mn);
+        m1[i] = mt;
+        float vn = __builtin_fmaf(omb2 * d, d, S::ld(m2[i]) * b2);  // mul_ then ATen addcmul
+        T vt = S::st(vn);
+        m2[i] = vt;
+        float vf = S::ld(vt);
+        if (AMS) {
+          float xo = S::ld(mx[i]);
+          float xn = xo > vf ? xo : vf;
+          mx[i] = S::st(xn);
+          vf = xn;
+        }
+        float denom = __builtin_sqrtf(vf) / bc2 + eps;
+        w[i] = S::st(wi + neg_step * S::ld(mt) / denom);
       }
-      float denom = __builtin_sqrtf(vf) / bc2 + eps;
-      w[i] = S::st(wi + neg_step * S::ld(mt) / denom);
-    }
+    };
+    if (uu) loop(Flag<true>{});
+    else loop(Flag<false>{});
   });
 }
 

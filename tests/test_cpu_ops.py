@@ -376,3 +376,23 @@ def test_opcheck_with_next_norms(cpp):
     args = (p, g, [torch.zeros_like(x) for x in g], s, 1.0, 0.5, 3, 3, [0, 1], 0, "gaussian", False, None, 0.1, 0.9,
             0.0, 0.0, False, False, [True, True], nw, nu, 4)
     torch.library.opcheck(torch.ops.ssgd_fused.restore_update_sgd_, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=describe)
+def test_16bit_conversions_exhaustive(isa, dtype):
+    """The kernels' own 16-bit <-> float conversions: every 16-bit pattern survives a round trip
+    (NaN stays NaN), and float results round to nearest even exactly as torch's .to(dtype),
+    through overflow to inf and the subnormal range."""
+    h = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    out = torch.full_like(h, float("nan"))
+    no_noise = [torch.empty(0, dtype=torch.float64)]
+    ops.perturb_([out], no_noise, 0.0, 0, 0, [0], 0, "gaussian", False, sources=[h])
+    same = (out.view(torch.int16) == h.view(torch.int16)) | (h.isnan() & out.isnan())
+    assert bool(same.all())
+    finite = h[torch.isfinite(h)]
+    for scale in (1.0, 0.1, 3.3e-5, 1e4, 7e-8, 1.7e38):
+        grads = finite.clone()
+        ops.restore_([torch.zeros_like(grads)], [grads], no_noise, 0.0, scale, 0, 0, [0], 0, "gaussian", False)
+        want = (finite.float() * scale).to(dtype)
+        ok = (grads.view(torch.int16) == want.view(torch.int16)) | (want.isnan() & grads.isnan())
+        assert bool(ok.all()), (scale, int((~ok).sum()))
