@@ -101,14 +101,43 @@ def cpp_unavailable_reason() -> str | None:
 
 
 def triton_available() -> bool:
-    """True when CUDA is present and the Triton kernels import."""
+    """True when CUDA is present and triton imports (the kernels themselves load on first use)."""
     if not torch.cuda.is_available():
         return False
     try:
-        from . import kernels  # noqa: F401
+        import triton  # noqa: F401
     except ImportError:
         return False
-    return getattr(kernels, "REGISTERED", False)
+    return True
+
+
+# ---- CUDA: the Triton kernels, imported on the first CUDA call ---------------------------------
+_KERNEL_MODULE = {"norms": "norms", "perturb_": "perturb", "restore_": "perturb", "restore_update_sgd_": "sgd",
+                  "restore_update_adam_": "adam"}
+
+
+def _cuda_impl(name):
+    def impl(*args):
+        import importlib
+
+        mod = importlib.import_module(f"ssgd_fused.kernels.{_KERNEL_MODULE[name]}")
+        fn = getattr(mod, name)
+        if name == "restore_update_sgd_":
+            *pos, lr, mom, damp, wd, nest, maxi, init, nw, nu, nstep = args
+            return fn(*pos, lr=lr, momentum=mom, dampening=damp, weight_decay=wd, nesterov=nest, maximize=maxi,
+                      init_momentum=init, next_w_sq=nw, next_u_sq=nu, next_step=nstep)
+        if name == "restore_update_adam_":
+            *pos, steps, lr, b1, b2, eps, wd, dec, ams, maxi, nw, nu, nstep = args
+            return fn(*pos, steps=steps, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                      decoupled_weight_decay=dec, amsgrad=ams, maximize=maxi, next_w_sq=nw, next_u_sq=nu,
+                      next_step=nstep)
+        return fn(*args)
+
+    return impl
+
+
+for _name in _KERNEL_MODULE:
+    torch.library.register_kernel(f"{LIB}::{_name}", "cuda", _cuda_impl(_name))
 
 
 def seed_to_i64(seed: int) -> int:

@@ -1,0 +1,137 @@
+"""Noise spec v1 inside Triton kernels: tl.philox (bit-identical to the spec, tested), Box-Muller with
+the quadrant taken from the integer bits of the angle word and short polynomials for sin/cos on a
+quarter turn (the coefficients of csrc/noise_consts.h), and storage conversions.
+
+Element order: a chunk of BLOCK elements starting at a multiple of 128 takes BLOCK // 4 Philox
+blocks (one call per four gaussian or uniform values) or BLOCK // 128 blocks (rademacher)."""
+
+import triton
+import triton.language as tl
+
+# sin(pi/2 t), cos(pi/2 t) on |t| <= 1/2 (csrc/noise_consts.h)
+S0 = tl.constexpr(1.5707963705062866)  # 0x1.921fb6p+0
+S1 = tl.constexpr(-0.6459634900093079)  # -0x1.4abbbap-1
+S2 = tl.constexpr(0.07968003302812576)  # 0x1.465e92p-4
+S3 = tl.constexpr(-0.004601658787578344)  # -0x1.2d9306p-8
+C1 = tl.constexpr(-1.2337005138397217)  # -0x1.3bd3ccp+0
+C2 = tl.constexpr(0.25366923213005066)  # 0x1.03c1dep-2
+C3 = tl.constexpr(-0.02086028829216957)  # -0x1.55c664p-6
+C4 = tl.constexpr(0.0009040216682478786)  # 0x1.d9f7bcp-11
+
+GAUSSIAN = tl.constexpr(0)
+RADEMACHER = tl.constexpr(1)
+UNIFORM = tl.constexpr(2)
+
+
+@triton.jit
+def _odd24(x):
+    """2 * (x >> 9) + 1 as uint32 (< 2**24, exact in float32)."""
+    return (x >> 9) * 2 + 1
+
+
+@triton.jit
+def _uniform(x):
+    return _odd24(x).to(tl.float32) * 5.9604644775390625e-08  # * 2**-24, exact
+
+
+@triton.jit
+def _m2log(x):
+    """r^2 = -2 ln uniform(x)."""
+    return -2.0 * tl.log(_uniform(x))
+
+
+@triton.jit
+def _box_muller(xa, xb):
+    r = tl.sqrt(_m2log(xa))
+    v = _odd24(xb)
+    q = (v + (1 << 21)) >> 22  # quadrant of the angle 2 pi v 2^-24 = (q + t) pi / 2
+    t = (v.to(tl.int32) - (q << 22).to(tl.int32)).to(tl.float32) * 2.384185791015625e-07  # * 2**-22
+    t2 = t * t
+    s = ((S3 * t2 + S2) * t2 + S1) * t2 + S0
+    s = s * t
+    c = (((C4 * t2 + C3) * t2 + C2) * t2 + C1) * t2 + 1.0
+    odd = (q & 1) != 0
+    cv = tl.where(odd, s, c)
+    sv = tl.where(odd, c, s)
+    cneg = ((q + 1) & 2) != 0
+    sneg = (q & 2) != 0
+    zc = tl.where(cneg, -r, r) * cv
+    zs = tl.where(sneg, -r, r) * sv
+    return zc, zs
+
+
+@triton.jit
+def _words(seed, blocks, c1hi, tid, step):
+    """Philox words of int64 block indices `blocks` (one call per block)."""
+    c0 = (blocks & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (((blocks >> 32) & 0xFFFF) | c1hi).to(tl.uint32)
+    c2 = (blocks * 0 + tid).to(tl.uint32)
+    c3 = (blocks * 0 + step).to(tl.uint32)
+    return tl.philox(seed, c0, c1, c2, c3, 10)
+
+
+@triton.jit
+def _quad(a, b, c, d, BLOCK: tl.constexpr):
+    """(BLOCK//4,) x 4 -> (BLOCK,) in the order a0 b0 c0 d0 a1 b1 ..."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (BLOCK,))
+
+
+@triton.jit
+def noise_chunk(seed, start, c1hi, tid, step, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """The spec's noise for elements start .. start + BLOCK - 1 (start a multiple of 128)."""
+    if DIST == RADEMACHER:
+        nb: tl.constexpr = BLOCK // 128
+        blocks = (start // 128 + tl.arange(0, nb)).to(tl.int64)
+        x0, x1, x2, x3 = _words(seed, blocks, c1hi, tid, step)
+        w = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (nb, 4))
+        bits = (w[:, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1
+        u = tl.reshape(bits, (BLOCK,)).to(tl.float32) * 2.0 - 1.0
+    else:
+        nb4: tl.constexpr = BLOCK // 4
+        blocks = (start // 4 + tl.arange(0, nb4)).to(tl.int64)
+        x0, x1, x2, x3 = _words(seed, blocks, c1hi, tid, step)
+        if DIST == GAUSSIAN:
+            z0, z1 = _box_muller(x0, x1)
+            z2, z3 = _box_muller(x2, x3)
+            u = _quad(z0, z1, z2, z3, BLOCK)
+        else:
+            u = _quad(_uniform(x0), _uniform(x1), _uniform(x2), _uniform(x3), BLOCK) * 2.0 - 1.0
+    return u
+
+
+@triton.jit
+def noise_sq_chunk(seed, start, n, c1hi, tid, step, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Sum of u^2 over elements start .. min(start + BLOCK, n) - 1, float32."""
+    if DIST == RADEMACHER:
+        return (tl.minimum(n - start, BLOCK)).to(tl.float32)
+    elif DIST == GAUSSIAN:
+        # whole blocks by r^2 = -2 ln u (no sin/cos); a ragged last block is generated
+        nb4: tl.constexpr = BLOCK // 4
+        blocks = (start // 4 + tl.arange(0, nb4)).to(tl.int64)
+        x0, x1, x2, x3 = _words(seed, blocks, c1hi, tid, step)
+        e = start + tl.arange(0, nb4).to(tl.int64) * 4
+        whole = (e + 4) <= n
+        r2 = tl.where(whole, _m2log(x0) + _m2log(x2), 0.0)
+        z0, z1 = _box_muller(x0, x1)
+        z2, z3 = _box_muller(x2, x3)
+        part = tl.where(e < n, z0 * z0, 0.0) + tl.where(e + 1 < n, z1 * z1, 0.0) + \
+            tl.where(e + 2 < n, z2 * z2, 0.0) + tl.where(e + 3 < n, z3 * z3, 0.0)
+        return tl.sum(tl.where(whole, r2, part), axis=0)
+    else:
+        u = noise_chunk(seed, start, c1hi, tid, step, DIST, BLOCK)
+        offs = start + tl.arange(0, BLOCK)
+        return tl.sum(tl.where(offs < n, u * u, 0.0), axis=0)
+
+
+@triton.jit
+def store_value(ptr, x, mask, KIND: tl.constexpr):
+    """Stores float32 x as the pointer's dtype; KIND 1 = bfloat16, rounded to nearest even by bit
+    arithmetic (the interpreter's float -> bfloat16 cast truncates)."""
+    if KIND == 1:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        nan = (b & 0x7FFFFFFF) > 0x7F800000
+        r = tl.where(nan, (b >> 16) | 0x40, r)
+        tl.store(ptr, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)

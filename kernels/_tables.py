@@ -1,0 +1,79 @@
+"""Host side of the multi-tensor launches: one launch per pass and dtype, whatever the number of
+tensors. Each program handles one chunk of BLOCK elements of one tensor; the tensors' addresses
+and sizes travel in a small int64 table (pointer table), the chunks in another."""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 1024  # elements per program (a multiple of 128: chunks start on rademacher blocks)
+# columns of the per-tensor table
+W, SRC, G, B1, B2, B3, NUMEL, TID, SOFF, CLO, CHI, NCOL = range(12)
+
+KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DIST = {"gaussian": 0, "rademacher": 1, "uniform": 2}
+
+
+def triton_dtype(dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _addr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def check(params, others=(), filter=False, sources=None):
+    if filter:
+        raise RuntimeError("ssgd_fused: scope='filter' is not implemented by the Triton kernels yet; "
+                           "use scope='tensor' or backend='reference' on CUDA")
+    dtypes = {p.dtype for p in params}
+    if not dtypes <= set(KIND):
+        raise RuntimeError(f"ssgd_fused: the Triton kernels support float32, bfloat16 and float16, got {dtypes}")
+    for name, ts in (("params", params), *others, ("sources", sources or [])):
+        for i, t in enumerate(ts):
+            if t is None:
+                continue
+            if not t.is_contiguous():
+                raise RuntimeError(f"ssgd_fused: {name}[{i}] must be contiguous")
+            if t.device != params[0].device:
+                raise RuntimeError(f"ssgd_fused: {name}[{i}] is on {t.device}, params[0] on {params[0].device}")
+
+
+def groups_by_dtype(params):
+    out = {}
+    for i, p in enumerate(params):
+        out.setdefault(p.dtype, []).append(i)
+    return out
+
+
+def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=None, b2=None, b3=None):
+    """(meta, chunks, scales_flat) device tensors for the tensors `idx` of the lists."""
+    rows, chunks = [], []
+    flat, off = [], 0
+    for k, i in enumerate(idx):
+        p = params[i]
+        n = p.numel()
+        s = scales[i] if scales is not None else None
+        soff = -1
+        if s is not None and s.numel():
+            soff = off
+            flat.append(s.reshape(-1).to(device=p.device, dtype=torch.float32))
+            off += s.numel()
+        clo = len(chunks)
+        chunks.extend((k, c) for c in range(0, n, BLOCK))
+        pick = lambda xs: None if xs is None else xs[i]  # noqa: E731
+        rows.append([_addr(p), _addr(pick(sources)), _addr(pick(grads)), _addr(pick(b1)), _addr(pick(b2)),
+                     _addr(pick(b3)), n, int(tensor_ids[i]), soff, clo, len(chunks)])
+    dev = params[idx[0]].device
+    meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+    ch = torch.tensor(chunks if chunks else [(0, 0)], dtype=torch.int64).to(dev, non_blocking=True)
+    sflat = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.float32, device=dev)
+    return meta, ch, sflat, len(chunks)
+
+
+def stream_args(seed, step, sample):
+    """seed as an unsigned 64-bit int (the schema carries it as int64), c1 high bits, step & 2**32-1."""
+    seed = seed + (1 << 64) if seed < 0 else seed
+    return seed, (sample << 16), step & 0xFFFFFFFF

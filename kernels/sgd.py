@@ -1,0 +1,80 @@
+"""ssgd_fused::restore_update_sgd_ on CUDA: restore, mean gradient and torch.optim.SGD's update in one
+pass (float32 arithmetic, the fused multiply-adds of torch's ATen ops spelled out), optionally with
+the next step's norms of the updated weights."""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _tables as T
+from . import norms as N
+from ._noise import noise_sq_chunk, store_value
+from .perturb import displaced
+
+
+@triton.jit
+def _sgd(meta, chunks, sflat, part, coef, grad_scale, seed, c1hi, step, next_step, lr, momentum, omd, wd, sgn,
+         DT: tl.constexpr, KIND: tl.constexpr, DIST: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr,
+         HAS_SRC: tl.constexpr, MOM: tl.constexpr, NEST: tl.constexpr, WD: tl.constexpr, INIT_COL: tl.constexpr,
+         NEXT: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(meta + t * NCOL + 6)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    w = displaced(meta, t, start, offs, mask, sflat, coef, seed, c1hi, step, DT, DIST, NCOL, BLOCK, HAS_SRC)
+    gp = tl.load(meta + t * NCOL + 2).to(tl.pointer_type(DT))
+    g = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    store_value(gp + offs, g, mask, KIND)
+    d = sgn * tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
+    if WD:
+        d = tl.fma(w, wd, d)
+    if MOM:
+        bp = tl.load(meta + t * NCOL + 3).to(tl.pointer_type(DT))
+        init = tl.load(meta + t * NCOL + INIT_COL) != 0  # first step: the buffer is d (torch's clone)
+        b_old = tl.load(bp + offs, mask=mask, other=0.0).to(tl.float32)  # unused (maybe garbage) if init
+        b = tl.where(init, d, tl.fma(d, omd, b_old * momentum))
+        store_value(bp + offs, b, mask, KIND)
+        b = tl.load(bp + offs, mask=mask, other=0.0).to(tl.float32)
+        if NEST:
+            d = tl.fma(b, momentum, d)
+        else:
+            d = b
+    w_new = tl.fma(d, -lr, w)
+    wp = tl.load(meta + t * NCOL + 0).to(tl.pointer_type(DT))
+    store_value(wp + offs, w_new, mask, KIND)
+    if NEXT:
+        wq = tl.load(wp + offs, mask=mask, other=0.0).to(tl.float64)
+        tl.store(part + 2 * pid, tl.sum(wq * wq, axis=0))
+        tid = tl.load(meta + t * NCOL + 7)
+        tl.store(part + 2 * pid + 1, noise_sq_chunk(seed, start, n, c1hi, tid, next_step, DIST, BLOCK).to(tl.float64))
+
+
+def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids, sample,
+                        distribution, filter, sources, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                        init_momentum, next_w_sq=(), next_u_sq=(), next_step=0):
+    T.check(params, (("grads", grads), ("momentum_buffers", momentum_buffers if momentum else [])), filter, sources)
+    seed, c1hi, step32 = T.stream_args(seed, step, sample)
+    next_on = len(next_w_sq) > 0
+    for dtype, idx in T.groups_by_dtype(params).items():
+        meta, chunks, sflat, nchunks = T.build(idx, params, tensor_ids, scales, sources, grads,
+                                               momentum_buffers if momentum else None)
+        init = torch.tensor([bool(init_momentum[i]) if momentum else False for i in idx], dtype=torch.int64)
+        meta = torch.cat([meta, init.to(meta.device)[:, None]], dim=1)  # one more column: init flag
+        dev = params[idx[0]].device
+        part = torch.zeros(max(nchunks, 1), 2, dtype=torch.float64, device=dev)
+        if nchunks:
+            _sgd[(nchunks,)](meta, chunks, sflat, part, float(coef), float(grad_scale), seed, c1hi, step32,
+                             next_step & 0xFFFFFFFF, float(lr), float(momentum), float(1 - dampening),
+                             float(weight_decay), -1.0 if maximize else 1.0, DT=T.triton_dtype(dtype),
+                             KIND=T.KIND[dtype], DIST=T.DIST[distribution], NCOL=T.NCOL + 1, BLOCK=T.BLOCK,
+                             HAS_SRC=sources is not None, MOM=momentum != 0, NEST=bool(nesterov and momentum),
+                             WD=weight_decay != 0, INIT_COL=T.NCOL, NEXT=next_on, enable_fp_fusion=False)
+        if next_on:
+            out = N.finish(meta, part, len(idx), dev, T.NCOL + 1) if nchunks else torch.zeros(len(idx), 2, dtype=torch.float64,
+                                                                                   device=dev)
+            for k, i in enumerate(idx):
+                if next_w_sq[i].numel():
+                    next_w_sq[i].copy_(out[k, 0:1])
+                    next_u_sq[i].copy_(out[k, 1:2])
