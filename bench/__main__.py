@@ -84,6 +84,11 @@ def main(argv=None):
     except ImportError:
         ppath = "(matplotlib not installed: no chart)"
     print(f"\nwrote {jpath}\nwrote {ppath}")
+    if torch.cuda.is_available():  # the Triton kernels, whenever there is a GPU
+        from bench import gpu
+
+        print()
+        gpu.main(["--sets", *[s for s in cfg["sets"]], "--dtypes", *cfg["dtypes"], "--dists", *cfg["dists"]])
     return rows
 
 
