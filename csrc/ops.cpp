@@ -278,14 +278,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> norms_op(at::Tensor
   const std::vector<Item> items = make_items(jobs);
   NormPartials parts(jobs, items);
   const KernelTable* t = active();
-  at::parallel_for(0, (int64_t)items.size(), grain_for(items), [&](int64_t a, int64_t b) {
-    for (int64_t k = a; k < b; ++k) {
-      const Item& it = items[k];
-      Range r = jobs[it.job].base;
-      r.e0 = it.e0;
-      r.n = it.n;
-      parts.add(t, dtype_of(params[it.job], "params", it.job), params[it.job].data_ptr(), r, k);
-    }
+  run_items(jobs, items, [&](int32_t j, const Range& r, size_t k) {
+    parts.add(t, dtype_of(params[j], "params", j), params[j].data_ptr(), r, k);
   });
   std::vector<at::Tensor> w2, u2;
   for (size_t j = 0; j < jobs.size(); ++j) {

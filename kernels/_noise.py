@@ -100,6 +100,32 @@ def noise_chunk(seed, start, c1hi, tid, step, DIST: tl.constexpr, BLOCK: tl.cons
 
 
 @triton.jit
+def _pick(k, a, b, c, d):
+    return tl.where(k == 0, a, tl.where(k == 1, b, tl.where(k == 2, c, d)))
+
+
+@triton.jit
+def noise_at(seed, offs, c1hi, tid, step, DIST: tl.constexpr):
+    """The spec's noise at arbitrary int64 element indices `offs` (one Philox call per element:
+    for chunks that do not start on a block boundary, e.g. rows in the filter scope's norm pass)."""
+    if DIST == RADEMACHER:
+        x0, x1, x2, x3 = _words(seed, offs >> 7, c1hi, tid, step)
+        k = offs & 127
+        x = _pick(k >> 5, x0, x1, x2, x3)
+        u = ((x >> (k & 31).to(tl.uint32)) & 1).to(tl.float32) * 2.0 - 1.0
+    else:
+        x0, x1, x2, x3 = _words(seed, offs >> 2, c1hi, tid, step)
+        a = offs & 3
+        if DIST == GAUSSIAN:
+            z0, z1 = _box_muller(x0, x1)
+            z2, z3 = _box_muller(x2, x3)
+            u = _pick(a, z0, z1, z2, z3)
+        else:
+            u = _uniform(_pick(a, x0, x1, x2, x3)) * 2.0 - 1.0
+    return u
+
+
+@triton.jit
 def noise_sq_chunk(seed, start, n, c1hi, tid, step, DIST: tl.constexpr, BLOCK: tl.constexpr):
     """Sum of u^2 over elements start .. min(start + BLOCK, n) - 1, float32."""
     if DIST == RADEMACHER:

@@ -8,7 +8,7 @@ import torch
 
 BLOCK = 1024  # elements per program (a multiple of 128: chunks start on rademacher blocks)
 # columns of the per-tensor table
-W, SRC, G, B1, B2, B3, NUMEL, TID, SOFF, CLO, CHI, NCOL = range(12)
+W, SRC, G, B1, B2, B3, NUMEL, TID, SOFF, CLO, CHI, ROWLEN, NCOL = range(13)
 
 KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DIST = {"gaussian": 0, "rademacher": 1, "uniform": 2}
@@ -25,9 +25,6 @@ def _addr(t):
 
 
 def check(params, others=(), filter=False, sources=None):
-    if filter:
-        raise RuntimeError("ssgd_fused: scope='filter' is not implemented by the Triton kernels yet; "
-                           "use scope='tensor' or backend='reference' on CUDA")
     dtypes = {p.dtype for p in params}
     if not dtypes <= set(KIND):
         raise RuntimeError(f"ssgd_fused: the Triton kernels support float32, bfloat16 and float16, got {dtypes}")
@@ -48,8 +45,14 @@ def groups_by_dtype(params):
     return out
 
 
-def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=None, b2=None, b3=None):
-    """(meta, chunks, scales_flat) device tensors for the tensors `idx` of the lists."""
+def rows_of(p, filter):
+    return p.shape[0] if (filter and p.dim() >= 1) else 1
+
+
+def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=None, b2=None, b3=None,
+          filter=False):
+    """(meta, chunks, scales_flat, nchunks) device tensors for the tensors `idx` of the lists; with
+    `filter`, a tensor's scales hold one entry per slice along dim 0 (row length in ROWLEN)."""
     rows, chunks = [], []
     flat, off = [], 0
     for k, i in enumerate(idx):
@@ -65,7 +68,8 @@ def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=Non
         chunks.extend((k, c) for c in range(0, n, BLOCK))
         pick = lambda xs: None if xs is None else xs[i]  # noqa: E731
         rows.append([_addr(p), _addr(pick(sources)), _addr(pick(grads)), _addr(pick(b1)), _addr(pick(b2)),
-                     _addr(pick(b3)), n, int(tensor_ids[i]), soff, clo, len(chunks)])
+                     _addr(pick(b3)), n, int(tensor_ids[i]), soff, clo, len(chunks),
+                     max(1, n // max(1, rows_of(p, filter)))])
     dev = params[idx[0]].device
     meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
     ch = torch.tensor(chunks if chunks else [(0, 0)], dtype=torch.int64).to(dev, non_blocking=True)
@@ -77,3 +81,24 @@ def stream_args(seed, step, sample):
     """seed as an unsigned 64-bit int (the schema carries it as int64), c1 high bits, step & 2**32-1."""
     seed = seed + (1 << 64) if seed < 0 else seed
     return seed, (sample << 16), step & 0xFFFFFFFF
+
+
+def build_rows(idx, params, tensor_ids):
+    """For the filter scope's norm pass: chunks that never cross a row, (tensor, start, end) each,
+    a row's chunks consecutive; and per row the range of its chunks."""
+    rows, chunks, row_chunks = [], [], []
+    for k, i in enumerate(idx):
+        p = params[i]
+        n = p.numel()
+        nr = rows_of(p, True)
+        L = n // nr if nr else 0
+        rows.append([_addr(p), 0, 0, 0, 0, 0, n, int(tensor_ids[i]), -1, 0, 0, max(L, 1)])
+        for r in range(nr):
+            lo = len(chunks)
+            chunks.extend((k, s, min(s + BLOCK, (r + 1) * L)) for s in range(r * L, (r + 1) * L, BLOCK))
+            row_chunks.append((lo, len(chunks)))
+    dev = params[idx[0]].device
+    meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+    ch = torch.tensor(chunks if chunks else [(0, 0, 0)], dtype=torch.int64).to(dev, non_blocking=True)
+    rc = torch.tensor(row_chunks if row_chunks else [(0, 0)], dtype=torch.int64).to(dev, non_blocking=True)
+    return meta, ch, len(chunks), rc, len(row_chunks)

@@ -9,26 +9,18 @@ import triton.language as tl
 
 from . import _tables as T
 from . import norms as N
-from ._noise import noise_sq_chunk, store_value
-from .perturb import displaced
+from ._noise import store_value
+from .perturb import chunk_of, displaced, scale_grad, store_weights_and_next_norms
 
 
 @triton.jit
 def _adam(meta, fmeta, chunks, sflat, part, coef, grad_scale, seed, c1hi, step, next_step, w1, beta2, omb2, eps,
           wd, decay, sgn, DT: tl.constexpr, KIND: tl.constexpr, DIST: tl.constexpr, NCOL: tl.constexpr,
           BLOCK: tl.constexpr, HAS_SRC: tl.constexpr, COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
-          AMS: tl.constexpr, SMALL_W: tl.constexpr, NEXT: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(meta + t * NCOL + 6)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    w = displaced(meta, t, start, offs, mask, sflat, coef, seed, c1hi, step, DT, DIST, NCOL, BLOCK, HAS_SRC)
-    gp = tl.load(meta + t * NCOL + 2).to(tl.pointer_type(DT))
-    g = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
-    store_value(gp + offs, g, mask, KIND)
-    d = sgn * tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
+          AMS: tl.constexpr, SMALL_W: tl.constexpr, NEXT: tl.constexpr, FILTER: tl.constexpr):
+    t, start, n, offs, mask = chunk_of(meta, chunks, NCOL, BLOCK)
+    w = displaced(meta, t, start, offs, mask, sflat, coef, seed, c1hi, step, DT, DIST, NCOL, BLOCK, HAS_SRC, FILTER)
+    d = sgn * scale_grad(meta, t, offs, mask, grad_scale, DT, KIND, NCOL)
     if DECOUPLED:
         w = w * decay
     if COUPLED:
@@ -55,13 +47,8 @@ def _adam(meta, fmeta, chunks, sflat, part, coef, grad_scale, seed, c1hi, step, 
     bc2 = tl.load(fmeta + 2 * t + 1)
     denom = tl.sqrt_rn(v) / bc2 + eps
     w_new = w + (-step_size * m) / denom
-    wp = tl.load(meta + t * NCOL + 0).to(tl.pointer_type(DT))
-    store_value(wp + offs, w_new, mask, KIND)
-    if NEXT:
-        wq = tl.load(wp + offs, mask=mask, other=0.0).to(tl.float64)
-        tl.store(part + 2 * pid, tl.sum(wq * wq, axis=0))
-        tid = tl.load(meta + t * NCOL + 7)
-        tl.store(part + 2 * pid + 1, noise_sq_chunk(seed, start, n, c1hi, tid, next_step, DIST, BLOCK).to(tl.float64))
+    store_weights_and_next_norms(meta, t, start, n, offs, mask, w_new, part, seed, c1hi, next_step, DT, KIND, DIST,
+                                 NCOL, BLOCK, NEXT)
 
 
 def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale, seed, step,
@@ -75,7 +62,7 @@ def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
     w1 = 1 - beta1
     for dtype, idx in T.groups_by_dtype(params).items():
         meta, chunks, sflat, nchunks = T.build(idx, params, tensor_ids, scales, sources, grads, exp_avgs, exp_avg_sqs,
-                                               max_exp_avg_sqs if amsgrad else None)
+                                               max_exp_avg_sqs if amsgrad else None, filter=filter)
         # per tensor, as torch.optim.adam computes them in Python floats
         fm = [(lr / (1 - beta1 ** steps[i]), math.sqrt(1 - beta2 ** steps[i])) for i in idx]
         dev = params[idx[0]].device
@@ -89,11 +76,8 @@ def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
                               NCOL=T.NCOL, BLOCK=T.BLOCK, HAS_SRC=sources is not None,
                               COUPLED=weight_decay != 0 and not decoupled_weight_decay,
                               DECOUPLED=weight_decay != 0 and decoupled_weight_decay, AMS=bool(amsgrad),
-                              SMALL_W=w1 < 0.5, NEXT=next_on, enable_fp_fusion=False)
+                              SMALL_W=w1 < 0.5, NEXT=next_on and not filter, FILTER=bool(filter),
+                              enable_fp_fusion=False)
         if next_on:
-            out = N.finish(meta, part, len(idx), dev) if nchunks else torch.zeros(len(idx), 2, dtype=torch.float64,
-                                                                                   device=dev)
-            for k, i in enumerate(idx):
-                if next_w_sq[i].numel():
-                    next_w_sq[i].copy_(out[k, 0:1])
-                    next_u_sq[i].copy_(out[k, 1:2])
+            N.next_norms_into(next_w_sq, next_u_sq, idx, params, meta, part, nchunks, T.NCOL, seed, next_step,
+                              tensor_ids, sample, distribution, filter)

@@ -19,7 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from . import _tables as T  # noqa: E402
 from .adam import _adam  # noqa: E402
-from .norms import _norms_finish, _norms_partial  # noqa: E402
+from .norms import _norms_finish, _norms_partial, _norms_rows_partial  # noqa: E402
 from .perturb import _perturb  # noqa: E402
 from .sgd import _sgd  # noqa: E402
 
@@ -34,22 +34,25 @@ def configs():
             common = {"DT": dt, "DIST": dist, "NCOL": T.NCOL, "BLOCK": T.BLOCK}
             yield (f"norms_partial[{dist_name},{dt_name}]", _norms_partial,
                    {"meta": P, "chunks": P, "part": "*fp64", **STREAM}, common)
+            yield (f"norms_rows_partial[{dist_name},{dt_name}]", _norms_rows_partial,
+                   {"meta": P, "chunks": P, "part": "*fp64", **STREAM}, common)
             yield (f"perturb[{dist_name},{dt_name}]", _perturb,
                    {"meta": P, "chunks": P, "sflat": "*fp32", "coef": "fp32", "grad_scale": "fp32", **STREAM},
-                   {**common, "KIND": kind, "HAS_SRC": False, "HAS_GRAD": True})
+                   {**common, "KIND": kind, "HAS_SRC": False, "HAS_GRAD": True, "FILTER": True})
             yield (f"sgd[{dist_name},{dt_name}]", _sgd,
                    {"meta": P, "chunks": P, "sflat": "*fp32", "part": "*fp64", "coef": "fp32", "grad_scale": "fp32",
                     **STREAM, "next_step": "i32", "lr": "fp32", "momentum": "fp32", "omd": "fp32", "wd": "fp32",
                     "sgn": "fp32"},
                    {**common, "NCOL": T.NCOL + 1, "KIND": kind, "HAS_SRC": False, "MOM": True, "NEST": True,
-                    "WD": True, "INIT_COL": T.NCOL, "NEXT": True})
+                    "WD": True, "INIT_COL": T.NCOL, "NEXT": True, "FILTER": False})
             yield (f"adam[{dist_name},{dt_name}]", _adam,
                    {"meta": P, "fmeta": "*fp32", "chunks": P, "sflat": "*fp32", "part": "*fp64", "coef": "fp32",
                     "grad_scale": "fp32", **STREAM, "next_step": "i32", "w1": "fp32", "beta2": "fp32",
                     "omb2": "fp32", "eps": "fp32", "wd": "fp32", "decay": "fp32", "sgn": "fp32"},
                    {**common, "KIND": kind, "HAS_SRC": False, "COUPLED": False, "DECOUPLED": True, "AMS": True,
-                    "SMALL_W": True, "NEXT": True})
-    yield "norms_finish", _norms_finish, {"meta": P, "part": "*fp64", "out": "*fp64"}, {"NCOL": T.NCOL, "RBLOCK": 256}
+                    "SMALL_W": True, "NEXT": True, "FILTER": True})
+    yield ("norms_finish", _norms_finish, {"ranges": P, "part": "*fp64", "out": "*fp64"},
+           {"STRIDE": T.NCOL, "LO": T.CLO, "RBLOCK": 256})
 
 
 def compile_all(archs=(80, 90)):

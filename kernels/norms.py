@@ -1,12 +1,13 @@
 """ssgd_fused::norms on CUDA: per-chunk partial sums of w^2 (float64) and u^2, then one program per
-tensor adds its chunks' partials in a fixed order (deterministic, no floating-point atomics)."""
+tensor (or, for the filter scope, per row) adds its chunks' partials in a fixed order
+(deterministic, no floating-point atomics)."""
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _tables as T
-from ._noise import noise_sq_chunk
+from ._noise import noise_at, noise_sq_chunk
 
 
 @triton.jit
@@ -26,10 +27,30 @@ def _norms_partial(meta, chunks, part, seed, c1hi, step, DT: tl.constexpr, DIST:
 
 
 @triton.jit
-def _norms_finish(meta, part, out, NCOL: tl.constexpr, RBLOCK: tl.constexpr):
+def _norms_rows_partial(meta, chunks, part, seed, c1hi, step, DT: tl.constexpr, DIST: tl.constexpr,
+                        NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    """Filter scope: chunks lie inside one row and may start anywhere, so the noise is generated
+    per element (noise_at)."""
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 3 * pid)
+    start = tl.load(chunks + 3 * pid + 1)
+    end = tl.load(chunks + 3 * pid + 2)
+    wp = tl.load(meta + t * NCOL + 0).to(tl.pointer_type(DT))
+    tid = tl.load(meta + t * NCOL + 7)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    m = offs < end
+    w = tl.load(wp + offs, mask=m, other=0.0).to(tl.float64)
+    tl.store(part + 2 * pid, tl.sum(w * w, axis=0))
+    u = noise_at(seed, offs, c1hi, tid, step, DIST)
+    tl.store(part + 2 * pid + 1, tl.sum(tl.where(m, u * u, 0.0), axis=0).to(tl.float64))
+
+
+@triton.jit
+def _norms_finish(ranges, part, out, STRIDE: tl.constexpr, LO: tl.constexpr, RBLOCK: tl.constexpr):
+    """out[t] = sum of part[ranges[t, LO] : ranges[t, LO + 1]] in a fixed order."""
     t = tl.program_id(0)
-    clo = tl.load(meta + t * NCOL + 9)
-    chi = tl.load(meta + t * NCOL + 10)
+    clo = tl.load(ranges + t * STRIDE + LO)
+    chi = tl.load(ranges + t * STRIDE + LO + 1)
     accw = tl.zeros((RBLOCK,), tl.float64)
     accu = tl.zeros((RBLOCK,), tl.float64)
     for c in range(clo, chi, RBLOCK):
@@ -43,7 +64,7 @@ def _norms_finish(meta, part, out, NCOL: tl.constexpr, RBLOCK: tl.constexpr):
 
 def finish(meta, part, nt, device, ncol=T.NCOL):
     out = torch.empty(nt, 2, dtype=torch.float64, device=device)
-    _norms_finish[(nt,)](meta, part, out, NCOL=ncol, RBLOCK=256)
+    _norms_finish[(nt,)](meta, part, out, STRIDE=ncol, LO=T.CLO, RBLOCK=256)
     return out
 
 
@@ -58,8 +79,24 @@ def norms(params, seed, step, tensor_ids, sample, distribution, filter):
     w2 = [None] * len(params)
     u2 = [None] * len(params)
     for dtype, idx in T.groups_by_dtype(params).items():
-        meta, chunks, _, nchunks = T.build(idx, params, tensor_ids)
         dev = params[idx[0]].device
+        if filter:
+            meta, chunks, nchunks, rc, nrows = T.build_rows(idx, params, tensor_ids)
+            part = torch.zeros(max(nchunks, 1), 2, dtype=torch.float64, device=dev)
+            if nchunks:
+                _norms_rows_partial[(nchunks,)](meta, chunks, part, seed, c1hi, step32, DT=T.triton_dtype(dtype),
+                                                DIST=T.DIST[distribution], NCOL=T.NCOL, BLOCK=T.BLOCK,
+                                                enable_fp_fusion=False)
+            out = torch.zeros(max(nrows, 1), 2, dtype=torch.float64, device=dev)
+            if nrows:
+                _norms_finish[(nrows,)](rc, part, out, STRIDE=2, LO=0, RBLOCK=256)
+            r0 = 0
+            for i in idx:
+                nr = T.rows_of(params[i], True)
+                w2[i], u2[i] = out[r0:r0 + nr, 0].clone(), out[r0:r0 + nr, 1].clone()
+                r0 += nr
+            continue
+        meta, chunks, _, nchunks = T.build(idx, params, tensor_ids)
         part = torch.zeros(max(nchunks, 1), 2, dtype=torch.float64, device=dev)
         if nchunks:
             partials_into(part, meta, chunks, nchunks, dtype, seed, c1hi, step32, distribution)
@@ -68,3 +105,22 @@ def norms(params, seed, step, tensor_ids, sample, distribution, filter):
             w2[i] = out[k, 0:1].clone()
             u2[i] = out[k, 1:2].clone()
     return w2, u2
+
+
+def next_norms_into(next_w_sq, next_u_sq, idx, params, meta, part, nchunks, ncol, seed, next_step, tensor_ids,
+                    sample, distribution, filter):
+    """After an update launch: the next step's norms into next_w_sq / next_u_sq (entries of size 0
+    skipped). Tensor scope: from the update kernel's partials; filter scope: a norm pass."""
+    dev = params[idx[0]].device
+    if filter:
+        w2, u2 = norms([params[i] for i in idx], seed, next_step, [tensor_ids[i] for i in idx], sample,
+                       distribution, True)
+        out = list(zip(w2, u2))
+    else:
+        fin = finish(meta, part, len(idx), dev, ncol) if nchunks else torch.zeros(len(idx), 2, dtype=torch.float64,
+                                                                                    device=dev)
+        out = [(fin[k, 0:1], fin[k, 1:2]) for k in range(len(idx))]
+    for k, i in enumerate(idx):
+        if next_w_sq[i].numel():
+            next_w_sq[i].copy_(out[k][0])
+            next_u_sq[i].copy_(out[k][1])

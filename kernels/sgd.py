@@ -8,26 +8,18 @@ import triton.language as tl
 
 from . import _tables as T
 from . import norms as N
-from ._noise import noise_sq_chunk, store_value
-from .perturb import displaced
+from ._noise import store_value
+from .perturb import chunk_of, displaced, scale_grad, store_weights_and_next_norms
 
 
 @triton.jit
 def _sgd(meta, chunks, sflat, part, coef, grad_scale, seed, c1hi, step, next_step, lr, momentum, omd, wd, sgn,
          DT: tl.constexpr, KIND: tl.constexpr, DIST: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr,
          HAS_SRC: tl.constexpr, MOM: tl.constexpr, NEST: tl.constexpr, WD: tl.constexpr, INIT_COL: tl.constexpr,
-         NEXT: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(meta + t * NCOL + 6)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    w = displaced(meta, t, start, offs, mask, sflat, coef, seed, c1hi, step, DT, DIST, NCOL, BLOCK, HAS_SRC)
-    gp = tl.load(meta + t * NCOL + 2).to(tl.pointer_type(DT))
-    g = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
-    store_value(gp + offs, g, mask, KIND)
-    d = sgn * tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
+         NEXT: tl.constexpr, FILTER: tl.constexpr):
+    t, start, n, offs, mask = chunk_of(meta, chunks, NCOL, BLOCK)
+    w = displaced(meta, t, start, offs, mask, sflat, coef, seed, c1hi, step, DT, DIST, NCOL, BLOCK, HAS_SRC, FILTER)
+    d = sgn * scale_grad(meta, t, offs, mask, grad_scale, DT, KIND, NCOL)
     if WD:
         d = tl.fma(w, wd, d)
     if MOM:
@@ -42,13 +34,8 @@ def _sgd(meta, chunks, sflat, part, coef, grad_scale, seed, c1hi, step, next_ste
         else:
             d = b
     w_new = tl.fma(d, -lr, w)
-    wp = tl.load(meta + t * NCOL + 0).to(tl.pointer_type(DT))
-    store_value(wp + offs, w_new, mask, KIND)
-    if NEXT:
-        wq = tl.load(wp + offs, mask=mask, other=0.0).to(tl.float64)
-        tl.store(part + 2 * pid, tl.sum(wq * wq, axis=0))
-        tid = tl.load(meta + t * NCOL + 7)
-        tl.store(part + 2 * pid + 1, noise_sq_chunk(seed, start, n, c1hi, tid, next_step, DIST, BLOCK).to(tl.float64))
+    store_weights_and_next_norms(meta, t, start, n, offs, mask, w_new, part, seed, c1hi, next_step, DT, KIND, DIST,
+                                 NCOL, BLOCK, NEXT)
 
 
 def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids, sample,
@@ -59,7 +46,7 @@ def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scal
     next_on = len(next_w_sq) > 0
     for dtype, idx in T.groups_by_dtype(params).items():
         meta, chunks, sflat, nchunks = T.build(idx, params, tensor_ids, scales, sources, grads,
-                                               momentum_buffers if momentum else None)
+                                               momentum_buffers if momentum else None, filter=filter)
         init = torch.tensor([bool(init_momentum[i]) if momentum else False for i in idx], dtype=torch.int64)
         meta = torch.cat([meta, init.to(meta.device)[:, None]], dim=1)  # one more column: init flag
         dev = params[idx[0]].device
@@ -70,11 +57,8 @@ def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scal
                              float(weight_decay), -1.0 if maximize else 1.0, DT=T.triton_dtype(dtype),
                              KIND=T.KIND[dtype], DIST=T.DIST[distribution], NCOL=T.NCOL + 1, BLOCK=T.BLOCK,
                              HAS_SRC=sources is not None, MOM=momentum != 0, NEST=bool(nesterov and momentum),
-                             WD=weight_decay != 0, INIT_COL=T.NCOL, NEXT=next_on, enable_fp_fusion=False)
+                             WD=weight_decay != 0, INIT_COL=T.NCOL, NEXT=next_on and not filter, FILTER=bool(filter),
+                              enable_fp_fusion=False)
         if next_on:
-            out = N.finish(meta, part, len(idx), dev, T.NCOL + 1) if nchunks else torch.zeros(len(idx), 2, dtype=torch.float64,
-                                                                                   device=dev)
-            for k, i in enumerate(idx):
-                if next_w_sq[i].numel():
-                    next_w_sq[i].copy_(out[k, 0:1])
-                    next_u_sq[i].copy_(out[k, 1:2])
+            N.next_norms_into(next_w_sq, next_u_sq, idx, params, meta, part, nchunks, T.NCOL + 1, seed, next_step,
+                              tensor_ids, sample, distribution, filter)

@@ -162,8 +162,6 @@ class SSGD(torch.optim.Optimizer):
             kernel_ok, kernel_why = _ops.cpp_available(), _ops.cpp_unavailable_reason()
         elif devices == {"cuda"}:
             kernel_ok, kernel_why = _ops.triton_available(), "triton is not installed"
-            if kernel_ok and self.scope == "filter":
-                kernel_ok, kernel_why = False, "the Triton kernels support scope='tensor' only"
         else:
             kernel_ok, kernel_why = False, f"parameters live on {sorted(devices)}; fused kernels need all on cpu or all on cuda"
         if not kernel_ok:

@@ -119,12 +119,8 @@ def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scal
 
     next_w_sq / next_u_sq (optional, one float64 tensor per parameter, numel 0 to skip): receive
     norms(updated weights) for step next_step, so that the next cycle can skip its norm pass."""
-    for i, (p, g, s, tid) in enumerate(zip(params, grads, scales, tensor_ids)):
-        src = sources[i] if sources is not None else None
-        w = _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter)
-        g.copy_(g.to(w.dtype) * grad_scale)
-        d = g.to(w.dtype)
-        d = -d if maximize else d
+    for i, w, d in _restored(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution,
+                             filter, sources, maximize):
         if weight_decay != 0:
             d = d.add(w, alpha=weight_decay)
         if momentum != 0:
@@ -135,8 +131,20 @@ def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scal
                 buf.copy_(buf.to(w.dtype).mul_(momentum).add_(d, alpha=1 - dampening))
             b = buf.to(w.dtype)  # what was stored (16-bit buffers round)
             d = d.add(b, alpha=momentum) if nesterov else b
-        p.copy_(w.add_(d, alpha=-lr))
+        params[i].copy_(w.add_(d, alpha=-lr))
     _next_norms(params, next_w_sq, next_u_sq, seed, next_step, tensor_ids, sample, distribution, filter)
+
+
+def _restored(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter,
+              sources, maximize):
+    """Per parameter: (i, restored weights in opmath, descent direction d), the gradient scaled in
+    place (g *= grad_scale, rounded to its dtype) and d taken from the stored value."""
+    for i, (p, g, s, tid) in enumerate(zip(params, grads, scales, tensor_ids)):
+        src = sources[i] if sources is not None else None
+        w = _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter)
+        g.copy_(g.to(w.dtype) * grad_scale)
+        d = g.to(w.dtype)
+        yield i, w, (-d if maximize else d)
 
 
 def _next_norms(params, next_w_sq, next_u_sq, seed, step, tensor_ids, sample, distribution, filter):
@@ -155,12 +163,8 @@ def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
     """Restore (as restore_), then torch.optim.Adam / AdamW's update (torch's op sequence, in
     float32, 16-bit state rounded once per write). steps[i] is the parameter's Adam step count
     AFTER this step's increment. next_w_sq / next_u_sq: as in restore_update_sgd_."""
-    for i, (p, g, s, tid) in enumerate(zip(params, grads, scales, tensor_ids)):
-        src = sources[i] if sources is not None else None
-        w = _displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter)
-        g.copy_(g.to(w.dtype) * grad_scale)
-        d = g.to(w.dtype)
-        d = -d if maximize else d
+    for i, w, d in _restored(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution,
+                             filter, sources, maximize):
         if weight_decay != 0:
             if decoupled_weight_decay:
                 w.mul_(1 - lr * weight_decay)
@@ -176,5 +180,5 @@ def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         step_size = lr / (1 - beta1**t)
         bc2_sqrt = (1 - beta2**t) ** 0.5
         denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        p.copy_(w.addcdiv_(m, denom, value=-step_size))
+        params[i].copy_(w.addcdiv_(m, denom, value=-step_size))
     _next_norms(params, next_w_sq, next_u_sq, seed, next_step, tensor_ids, sample, distribution, filter)
