@@ -208,11 +208,12 @@ class Compiled(Eager):
         self._compiled = torch.compile(self._eager_cycle)
 
     def _eager_cycle(self):
-        Eager.norms(self)
-        Eager.perturb(self)
-        Eager.flip(self)
-        torch._foreach_copy_(self.params, self.backup)
-        torch._foreach_mul_(self.grads, 0.5)
+        with torch.no_grad():
+            Eager.norms(self)
+            Eager.perturb(self)
+            Eager.flip(self)
+            torch._foreach_copy_(self.params, self.backup)
+            torch._foreach_mul_(self.grads, 0.5)
 
     def passes(self):
         return {"cycle": self.cycle}
