@@ -14,7 +14,8 @@ from . import reference as _reference
 
 __all__ = ["SSGD"]
 
-MODES = ("symmetric", "one_sided")
+MODES = ("symmetric", "one_sided", "smoothout")
+NONFINITE = ("update", "skip", "raise")
 SCOPES = ("tensor", "filter")
 BACKENDS = ("auto", "reference", "cpp", "triton", "fused")
 RESTORES = ("auto", "regenerate", "exact")
@@ -65,13 +66,15 @@ class SSGD(torch.optim.Optimizer):
             alpha, applied to all its parameters, 1-D ones included).
         base_optimizer_cls: a ``torch.optim.Optimizer`` subclass (``torch.optim.SGD``, ``AdamW``,
             ...); built on the same param_groups with ``**base_kwargs``.
-        noise (float, default 0.5): alpha, ``||n_i|| = alpha ||w_i||``. By default only parameters
-            with ``ndim >= 2`` are perturbed; 1-D ones (biases, norms) get noise only through a
-            group's own ``"noise"``.
-        distribution (str, default "gaussian"): "gaussian", "rademacher" or "uniform".
+        noise (float or callable, default 0.5): alpha, ``||n_i|| = alpha ||w_i||``; a callable
+            ``noise(step) -> alpha`` is an alpha schedule. By default only parameters with
+            ``ndim >= 2`` are perturbed; 1-D ones (biases, norms) get noise only through a group's
+            own ``"noise"``.
+        distribution (str, default "gaussian"; "uniform" for smoothout): "gaussian", "rademacher"
+            or "uniform".
         scope (str, default "tensor"): "tensor" (one norm per tensor) or "filter" (per dim-0 slice).
-        mode (str, default "symmetric"): "symmetric" (S-SGD, two passes) or "one_sided" (weight-noise
-            injection, one pass at ``w + n``).
+        mode (str, default "symmetric"): "symmetric" (S-SGD, two passes), "one_sided" (weight-noise
+            injection, one pass at ``w + n``) or "smoothout" (one pass, uniform noise).
         seed (int, optional): unsigned 64-bit stream seed; drawn from torch's default generator
             when None, so ``torch.manual_seed`` controls it.
         backend (str, default "auto"): "auto" (fused kernels where available, else the reference
@@ -81,11 +84,19 @@ class SSGD(torch.optim.Optimizer):
             re-adds the regenerated noise in place (no extra memory, a few ulp of drift per step in
             float32); "exact" keeps a backup copy. "auto": regenerate for float32 parameters, exact
             for 16-bit ones. The reference backend is always exact.
+        start_step (int, default 0): steps before this one run the base optimizer alone (one pass,
+            no noise): the paper's SGD-then-S-SGD schedule.
+        max_grad_norm (float, optional): clip the mean gradient to this total 2-norm before the
+            update (torch.nn.utils.clip_grad_norm_'s rule), folded into the fused update.
+        nonfinite (str, default "update"): what a step with inf/NaN gradients does: "update" (as
+            torch.optim does), "skip" (no update; ``opt.last_step_skipped``) or "raise"
+            (FloatingPointError). The weights are clean in every case.
     """
 
-    def __init__(self, params, base_optimizer_cls, *, noise: float = 0.5, distribution: str = "gaussian",
-                 scope: str = "tensor", mode: str = "symmetric", seed: int | None = None,
-                 backend: str = "auto", restore: str = "auto", **base_kwargs):
+    def __init__(self, params, base_optimizer_cls, *, noise: float | Callable[[int], float] = 0.5,
+                 distribution: str | None = None, scope: str = "tensor", mode: str = "symmetric",
+                 seed: int | None = None, backend: str = "auto", restore: str = "auto", start_step: int = 0,
+                 max_grad_norm: float | None = None, nonfinite: str = "update", **base_kwargs):
         # ---- validate everything before building anything --------------------------------------
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
             raise TypeError(
@@ -93,10 +104,24 @@ class SSGD(torch.optim.Optimizer):
                 f"(the class, not an instance), got {base_optimizer_cls!r}")
         if issubclass(base_optimizer_cls, SSGD):
             raise TypeError("base_optimizer_cls cannot be SSGD itself")
-        noise = _check_alpha(noise, "noise")
-        _choose("distribution", distribution, _noise.DISTRIBUTIONS)
+        if callable(noise):
+            _check_alpha(noise(0), "noise(0) (the alpha schedule at step 0)")
+        else:
+            noise = _check_alpha(noise, "noise")
         _choose("scope", scope, SCOPES)
         _choose("mode", mode, MODES)
+        if distribution is None:
+            distribution = "uniform" if mode == "smoothout" else "gaussian"
+        _choose("distribution", distribution, _noise.DISTRIBUTIONS)
+        if mode == "smoothout" and distribution != "uniform":
+            raise ValueError(f"mode='smoothout' uses uniform noise; got distribution={distribution!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+        if max_grad_norm is not None:
+            max_grad_norm = float(max_grad_norm)
+            if not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+                raise ValueError(f"max_grad_norm must be a finite float > 0 or None, got {max_grad_norm}")
+        _choose("nonfinite", nonfinite, NONFINITE)
         _choose("backend", backend, BACKENDS)
         _choose("restore", restore, RESTORES)
         if seed is None:
@@ -129,7 +154,11 @@ class SSGD(torch.optim.Optimizer):
         self.mode = mode
         self.seed = seed
         self.restore = restore
-        self.noise_step = 0  # completed noise cycles; the spec's `step` counter
+        self.start_step = start_step
+        self.max_grad_norm = max_grad_norm
+        self.nonfinite = nonfinite
+        self.last_step_skipped = False
+        self.noise_step = 0  # completed steps (noise cycles); the spec's `step` counter
         self._plan: _Plan | None = None
         self._norm_cache: dict = {}  # {"key": (seed, step, ...), "entries": {p: (w_sq, u_sq, p._version)}}
         self._twin_ready = False
@@ -183,10 +212,21 @@ class SSGD(torch.optim.Optimizer):
         return "fused"
 
 
-    def _alpha(self, group, p) -> float:
+    def current_noise(self) -> float:
+        """The default alpha for this step: `noise`, or `noise(step)` for a schedule; 0 before
+        `start_step` (the base optimizer alone, as in the paper's SGD-then-S-SGD phases)."""
+        if self.noise_step < self.start_step:
+            return 0.0
+        if callable(self.noise):
+            return _check_alpha(self.noise(self.noise_step), f"noise({self.noise_step}) (the alpha schedule)")
+        return self.noise
+
+    def _alpha(self, group, p, default) -> float:
+        if self.noise_step < self.start_step:
+            return 0.0
         if group.get("noise") is not None:
             return group["noise"]
-        return self.noise if p.dim() >= 2 else 0.0
+        return default if p.dim() >= 2 else 0.0
 
     def _exact(self, p) -> bool:
         if self.backend == "reference" or self.restore == "exact":
@@ -204,9 +244,10 @@ class SSGD(torch.optim.Optimizer):
         self._ensure_clean()
         params, tids, alphas = [], [], []
         tid = 0
+        default = self.current_noise()
         for group in self.param_groups:
             for p in group["params"]:
-                a = self._alpha(group, p)
+                a = self._alpha(group, p, default)
                 if a > 0 and p.numel() > 0:
                     params.append(p)
                     tids.append(tid)
@@ -277,7 +318,9 @@ class SSGD(torch.optim.Optimizer):
                 self._move(plan, 0.0)
 
     def _passes(self):
-        return (1.0, -1.0) if self.mode == "symmetric" else (1.0,)
+        if self.mode != "symmetric" or self.noise_step < self.start_step:
+            return (1.0,)
+        return (1.0, -1.0)
 
     def _check_grads(self, first_grads):
         for p in self._all_params():
@@ -319,7 +362,13 @@ class SSGD(torch.optim.Optimizer):
         update where a kernel exists), applies the update if asked, and ends the cycle."""
         plan = self._plan
         gs = 1.0 / len(self._passes())
+        self.last_step_skipped = False
         try:
+            gs = self._check_finite_and_clip(gs)
+            if gs is None:  # non-finite gradients, nonfinite="skip": clean weights, no update
+                self.last_step_skipped = True
+                self._move(plan, 0.0)
+                return
             if not (update and self._fused_update(plan, gs)):
                 perturbed = set(plan.params)
                 others = [p.grad for p in self._all_params() if p not in perturbed and p.grad is not None]
@@ -331,6 +380,27 @@ class SSGD(torch.optim.Optimizer):
         finally:
             self._ensure_clean()
             self.noise_step += 1
+
+    @torch.no_grad()
+    def _check_finite_and_clip(self, gs: float):
+        """The gradient scale for the mean gradient, times the clipping coefficient of
+        max_grad_norm; None to skip the step (non-finite gradients with nonfinite="skip")."""
+        if self.max_grad_norm is None and self.nonfinite == "update":
+            return gs
+        grads = [p.grad for p in self._all_params() if p.grad is not None]
+        if not grads:
+            return gs
+        total = gs * torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).double(), 2.0).item()
+        if not math.isfinite(total):
+            if self.nonfinite == "raise":
+                raise FloatingPointError("SSGD: non-finite gradients (inf or NaN) in this step; the clean "
+                                         "weights were restored and nothing was updated")
+            if self.nonfinite == "skip":
+                return None
+            return gs
+        if self.max_grad_norm is not None:
+            gs *= min(1.0, self.max_grad_norm / (total + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+        return gs
 
     def _fused_update(self, plan: _Plan, grad_scale: float) -> bool:
         """Restore + base update in one kernel pass (torch.optim.SGD, Adam, AdamW); False where no
