@@ -16,6 +16,7 @@ __all__ = ["SSGD"]
 
 MODES = ("symmetric", "one_sided", "smoothout")
 NONFINITE = ("update", "skip", "raise")
+BN_STATS = ("both", "first", "none")
 SCOPES = ("tensor", "filter")
 BACKENDS = ("auto", "reference", "cpp", "triton", "fused")
 RESTORES = ("auto", "regenerate", "exact")
@@ -40,14 +41,15 @@ def _choose(name, value, allowed):
 class _Plan:
     """One noise cycle: the perturbed parameters, their scales and where the weights are now."""
 
-    def __init__(self, params, tids, scales, sources, step):
+    def __init__(self, params, tids, alphas, step):
         self.params = params  # perturbed parameters (alpha > 0)
         self.tids = tids
-        self.scales = scales
-        self.sources = sources  # clean copies in exact mode, else None
+        self.alphas = alphas
+        self.scales = []
+        self.sources = None  # clean copies in exact mode
         self.step = step
+        self.sample = 0  # the antithetic pair whose noise is applied (the spec's `sample`)
         self.offset = 0.0  # current displacement in units of s*u: +1, -1 or 0 (clean)
-        self.completed = False
 
 
 class SSGD(torch.optim.Optimizer):
@@ -91,12 +93,19 @@ class SSGD(torch.optim.Optimizer):
         nonfinite (str, default "update"): what a step with inf/NaN gradients does: "update" (as
             torch.optim does), "skip" (no update; ``opt.last_step_skipped``) or "raise"
             (FloatingPointError). The weights are clean in every case.
+        pairs (int, default 1): antithetic pairs per step (2 * pairs passes, gradients averaged);
+            pair j draws its noise from the spec's ``sample = j``.
+        bn_stats (str, default "both"): BatchNorm running statistics in the passes: "both" (updated
+            by every pass, the paper's behaviour), "first" (first pass only) or "none"; "first"
+            and "none" need ``model=``.
+        model (nn.Module, optional): the model, to find its BatchNorm layers for ``bn_stats``.
     """
 
     def __init__(self, params, base_optimizer_cls, *, noise: float | Callable[[int], float] = 0.5,
                  distribution: str | None = None, scope: str = "tensor", mode: str = "symmetric",
                  seed: int | None = None, backend: str = "auto", restore: str = "auto", start_step: int = 0,
-                 max_grad_norm: float | None = None, nonfinite: str = "update", **base_kwargs):
+                 max_grad_norm: float | None = None, nonfinite: str = "update", pairs: int = 1,
+                 bn_stats: str = "both", model: torch.nn.Module | None = None, **base_kwargs):
         # ---- validate everything before building anything --------------------------------------
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
             raise TypeError(
@@ -122,6 +131,13 @@ class SSGD(torch.optim.Optimizer):
             if not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
                 raise ValueError(f"max_grad_norm must be a finite float > 0 or None, got {max_grad_norm}")
         _choose("nonfinite", nonfinite, NONFINITE)
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or not 1 <= pairs <= 1 << 16:
+            raise ValueError(f"pairs must be an int in [1, 65536] (antithetic pairs per step), got {pairs!r}")
+        if pairs > 1 and mode != "symmetric":
+            raise ValueError(f"pairs={pairs} needs mode='symmetric'")
+        _choose("bn_stats", bn_stats, BN_STATS)
+        if bn_stats != "both" and not isinstance(model, torch.nn.Module):
+            raise ValueError(f"bn_stats={bn_stats!r} needs model=<the nn.Module> (to find its BatchNorm layers)")
         _choose("backend", backend, BACKENDS)
         _choose("restore", restore, RESTORES)
         if seed is None:
@@ -157,6 +173,10 @@ class SSGD(torch.optim.Optimizer):
         self.start_step = start_step
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
+        self.pairs = pairs
+        self.bn_stats = bn_stats
+        self._bn_layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] \
+            if model is not None else []
         self.last_step_skipped = False
         self.noise_step = 0  # completed steps (noise cycles); the spec's `step` counter
         self._plan: _Plan | None = None
@@ -235,7 +255,7 @@ class SSGD(torch.optim.Optimizer):
 
     # ---- the noise cycle -------------------------------------------------------------------
     def _noise_args(self, plan):
-        return dict(seed=self.seed, step=plan.step, sample=0, distribution=self.distribution,
+        return dict(seed=self.seed, step=plan.step, sample=plan.sample, distribution=self.distribution,
                     filter=self.scope == "filter")
 
     @torch.no_grad()
@@ -253,7 +273,7 @@ class SSGD(torch.optim.Optimizer):
                     tids.append(tid)
                     alphas.append(a)
                 tid += 1
-        plan = _Plan(params, tids, [], None, self.noise_step)
+        plan = _Plan(params, tids, alphas, self.noise_step)
         args = self._noise_args(plan)
         if params:
             # norms left by the previous step's fused update, where the weights have not changed since
@@ -270,6 +290,25 @@ class SSGD(torch.optim.Optimizer):
                     w_sq[i], u_sq[i] = a, b
             plan.scales = _reference.scales_from_norms(w_sq, u_sq, alphas)
         return plan
+
+    def _freeze_bn(self, k: int):
+        """BatchNorm running statistics during pass k: bn_stats="both" updates them in every pass
+        (the paper's behaviour), "first" in the first pass only, "none" never. A frozen layer
+        still normalises with the batch's statistics in training mode."""
+        update = self.bn_stats == "both" or (self.bn_stats == "first" and k == 0)
+        if update:
+            return []
+        frozen = [m for m in self._bn_layers if m.track_running_stats]
+        for m in frozen:
+            m.track_running_stats = False
+        return frozen
+
+    def _switch_pair(self, plan: _Plan, sample: int):
+        """Back to the clean weights, then the noise of antithetic pair `sample` (its own norms)."""
+        self._move(plan, 0.0)
+        plan.sample = sample
+        w_sq, u_sq = self._engine.norms(plan.params, tensor_ids=plan.tids, **self._noise_args(plan))
+        plan.scales = _reference.scales_from_norms(w_sq, u_sq, plan.alphas)
 
     def _cache_key(self, step):
         return (self.seed, step, self.distribution, self.scope)
@@ -318,9 +357,10 @@ class SSGD(torch.optim.Optimizer):
                 self._move(plan, 0.0)
 
     def _passes(self):
+        """(pair, displacement) per pass: +n_j then -n_j for each antithetic pair j."""
         if self.mode != "symmetric" or self.noise_step < self.start_step:
-            return (1.0,)
-        return (1.0, -1.0)
+            return ((0, 1.0),)
+        return tuple((j, t) for j in range(self.pairs) for t in (1.0, -1.0))
 
     def _check_grads(self, first_grads):
         for p in self._all_params():
@@ -343,9 +383,16 @@ class SSGD(torch.optim.Optimizer):
         first_grads = []
         done = False
         try:
-            for k, target in enumerate(self._passes()):
+            for k, (pair, target) in enumerate(self._passes()):
+                if pair != plan.sample and plan.params:
+                    self._switch_pair(plan, pair)
                 self._move(plan, target)
-                yield k
+                frozen = self._freeze_bn(k)
+                try:
+                    yield k
+                finally:
+                    for m in frozen:
+                        m.track_running_stats = True
                 if self._plan is not plan:
                     raise RuntimeError("the clean weights were restored in the middle of the S-SGD passes "
                                        "(state_dict(), load_state_dict() or a new step was called inside them)")
@@ -435,8 +482,9 @@ class SSGD(torch.optim.Optimizer):
                               **args)
                 scales = [info[p][0] if p in info else empty for p in ps]
                 grads = [p.grad for p in ps]
-                # the kernel also measures the updated weights and the next step's noise
-                rows = [_reference.num_slices(p, self.scope == "filter") if p in info else 0 for p in ps]
+                # the kernel also measures the updated weights and the next step's noise (pair 0's)
+                rows = [_reference.num_slices(p, self.scope == "filter") if p in info and plan.sample == 0 else 0
+                        for p in ps]
                 nw = [torch.empty(r, dtype=torch.float64) for r in rows]
                 nu = [torch.empty(r, dtype=torch.float64) for r in rows]
                 common.update(next_w_sq=nw, next_u_sq=nu, next_step=plan.step + 1)

@@ -317,3 +317,82 @@ def test_random_shapes_dtypes_alphas_against_reference(shape, dtype, alpha, dist
     tol["atol"] += 6 * GAUSS_TOL * float(s[0].max())
     torch.testing.assert_close(a, b, **tol)
     assert ssgd_fused.noise.SPEC_VERSION == 1
+
+
+# ---- antithetic pairs and BatchNorm statistics ---------------------------------------------------------
+def test_k_antithetic_pairs(backend):
+    """pairs=3: six passes, each pair its own direction (spec sample j); on a quadratic loss the
+    mean gradient is still the exact gradient at the clean weights."""
+    torch.manual_seed(0)
+    n = 23
+    q = torch.randn(n, n)
+    A = q @ q.T + torch.eye(n)
+    w = nn.Parameter(torch.randn(1, n))
+    opt = SSGD([w], torch.optim.SGD, lr=0.0, noise=0.8, pairs=3, backend=backend, restore="exact")
+    w0 = w.detach().clone()
+    seen = []
+
+    def closure():
+        seen.append(w.detach().clone())
+        loss = 0.5 * (w @ A @ w.T).squeeze()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(seen) == 6
+    dirs = [s - w0 for s in seen]
+    for j in range(3):
+        torch.testing.assert_close(dirs[2 * j + 1], -dirs[2 * j], rtol=1e-5, atol=1e-6)  # +n_j, -n_j
+        assert (dirs[2 * j].norm() / w0.norm()).item() == pytest.approx(0.8, rel=1e-5)
+    assert not torch.allclose(dirs[0], dirs[2]) and not torch.allclose(dirs[2], dirs[4])
+    torch.testing.assert_close(w.grad.squeeze(), A @ w0.squeeze(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.detach(), w0, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pairs"):
+        SSGD([w], torch.optim.SGD, lr=0.1, pairs=2, mode="one_sided")
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("policy,updates", [("both", 2), ("first", 1), ("none", 0)])
+def test_batchnorm_running_statistics_policy(policy, updates, backend):
+    torch.manual_seed(0)
+    model = BNNet()
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+    opt = SSGD(model.parameters(), torch.optim.SGD, lr=0.1, bn_stats=policy, model=model, backend=backend)
+    before = model.bn.running_mean.clone()
+    opt.step(closure_for(model, x, y))
+    assert int(model.bn.num_batches_tracked) == updates
+    assert torch.equal(model.bn.running_mean, before) == (updates == 0)
+    assert model.bn.track_running_stats  # restored after the passes
+    with pytest.raises(ValueError, match="model="):
+        SSGD(model.parameters(), torch.optim.SGD, lr=0.1, bn_stats="first")
+
+
+def test_ops_compile_fullgraph():
+    """The fused ops trace into one graph (fake implementations, declared mutations): a compiled
+    function that perturbs and measures equals the eager one."""
+    from ssgd_fused import ops
+    from tests.conftest import require_cpp
+
+    require_cpp()
+    ps = [torch.randn(7, 5), torch.randn(13)]
+    sc = [torch.full((1,), 0.01, dtype=torch.float64)] * 2
+
+    def f(params):
+        ops.perturb_(params, sc, 1.0, 1, 0, [0, 1], 0, "gaussian", False)
+        w2, u2 = ops.norms(params, 1, 1, [0, 1], 0, "gaussian", False)
+        return w2[0] + u2[1]
+
+    a, b = [p.clone() for p in ps], [p.clone() for p in ps]
+    r = torch.compile(f, fullgraph=True)(a)
+    assert torch.equal(r, f(b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
