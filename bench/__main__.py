@@ -32,7 +32,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--dists", nargs="+", choices=["gaussian", "rademacher", "uniform"])
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS))
-    ap.add_argument("--full", action="store_true", help="every set, dtype, distribution, variant but reference/compiled")
+    ap.add_argument("--full", action="store_true",
+                    help="every set, dtype, distribution and variant except reference and compiled")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (one process each)")
     ap.add_argument("--no-passes", action="store_true", help="time whole cycles only")

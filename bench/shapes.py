@@ -14,7 +14,7 @@ def resnet20():
     shapes = [(16, 3, 3, 3), *_bn(16)]
     cin = 16
     for cout in (16, 32, 64):
-        for b in range(3):
+        for _ in range(3):
             shapes += [(cout, cin, 3, 3), *_bn(cout), (cout, cout, 3, 3), *_bn(cout)]
             if cin != cout:  # projection shortcut (option B)
                 shapes += [(cout, cin, 1, 1), *_bn(cout)]

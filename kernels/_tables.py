@@ -24,6 +24,10 @@ def _addr(t):
     return 0 if t is None else t.data_ptr()
 
 
+def _at(xs, i):
+    return None if xs is None else xs[i]
+
+
 def check(params, others=(), filter=False, sources=None):
     dtypes = {p.dtype for p in params}
     if not dtypes <= set(KIND):
@@ -66,9 +70,8 @@ def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=Non
             off += s.numel()
         clo = len(chunks)
         chunks.extend((k, c) for c in range(0, n, BLOCK))
-        pick = lambda xs: None if xs is None else xs[i]  # noqa: E731
-        rows.append([_addr(p), _addr(pick(sources)), _addr(pick(grads)), _addr(pick(b1)), _addr(pick(b2)),
-                     _addr(pick(b3)), n, int(tensor_ids[i]), soff, clo, len(chunks),
+        rows.append([_addr(p), _addr(_at(sources, i)), _addr(_at(grads, i)), _addr(_at(b1, i)), _addr(_at(b2, i)),
+                     _addr(_at(b3, i)), n, int(tensor_ids[i]), soff, clo, len(chunks),
                      max(1, n // max(1, rows_of(p, filter)))])
     dev = params[idx[0]].device
     meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)

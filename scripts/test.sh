@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # a build failure must fail the tests, not silently fall back to the reference path
 if compgen -G "csrc/*.cpp" >/dev/null; then export SSGD_FUSED_REQUIRE_CPP=${SSGD_FUSED_REQUIRE_CPP:-1}; fi
+"${PYTHON:-python3}" -m ruff check .
 exec "${PYTHON:-python3}" -m pytest tests "$@"

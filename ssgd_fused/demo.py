@@ -104,8 +104,8 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads")
     rows = [train(kind, args.epochs, args.noise, args.backend, args.lr, args.batch, args.seed)
             for kind in ("sgd", "ssgd")]
-    print(f"| optimizer | test acc | train acc | final batch loss | wall time |")
-    print(f"|---|---|---|---|---|")
+    print("| optimizer | test acc | train acc | final batch loss | wall time |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['optimizer']} | {100 * r['test_acc']:.2f}% | {100 * r['train_acc']:.2f}% | "
               f"{r['loss']:.4f} | {r['wall_s']:.2f} s |")

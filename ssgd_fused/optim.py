@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -212,7 +212,8 @@ class SSGD(torch.optim.Optimizer):
         elif devices == {"cuda"}:
             kernel_ok, kernel_why = _ops.triton_available(), "triton is not installed"
         else:
-            kernel_ok, kernel_why = False, f"parameters live on {sorted(devices)}; fused kernels need all on cpu or all on cuda"
+            kernel_ok = False
+            kernel_why = f"parameters live on {sorted(devices)}; the fused kernels need all on cpu or all on cuda"
         if not kernel_ok:
             why = kernel_why
         elif any(p.dtype not in FUSED_DTYPES for p in params):
@@ -277,8 +278,8 @@ class SSGD(torch.optim.Optimizer):
         args = self._noise_args(plan)
         if params:
             # norms left by the previous step's fused update, where the weights have not changed since
-            cached = self._norm_cache.pop("entries", {}) if self._norm_cache.get("key") == self._cache_key(plan.step) \
-                else {}
+            fresh = self._norm_cache.get("key") == self._cache_key(plan.step)
+            cached = self._norm_cache.pop("entries", {}) if fresh else {}
             self._norm_cache.clear()
             hit = [cached.get(p) for p in params]
             hit = [h if h is not None and h[2] == p._version else None for h, p in zip(hit, params)]
@@ -332,7 +333,9 @@ class SSGD(torch.optim.Optimizer):
                     sub = [i for i in idx if (grads is not None and grads[i] is not None) == with_grad]
                     if not sub:
                         continue
-                    pick = lambda xs: [xs[i] for i in sub]  # noqa: E731
+                    def pick(xs, sub=sub):
+                        return [xs[i] for i in sub]
+
                     common = dict(tensor_ids=pick(plan.tids), sources=pick(plan.sources) if sel else None, **args)
                     if with_grad:
                         self._engine.restore_(pick(plan.params), pick(grads), pick(plan.scales), coef, grad_scale,
