@@ -93,24 +93,27 @@ SSGD_INLINE void rsincos(float r, uint32_t xb, float& zc, float& zs) {
 SSGD_INLINE float uniform_sym(uint32_t x) { return (float)(int32_t)(2u * (x >> 9) + 1u) * 0x1p-23f - 1.0f; }
 
 // ---- block generators (whole Philox blocks into out) --------------------------------------
-#ifdef SSGD_GAUSS512
-static void gauss_blocks(const Stream& st, uint64_t b0, int64_t nb, float* out) { g512::fill_gauss(st, b0, nb, out); }
-static double gauss_sq_blocks(const Stream& st, uint64_t b0, int64_t nb) { return g512::gauss_sq(st, b0, nb); }
-#else
-static void gauss_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out) {
+// out[4j .. 4j+3] = f(words of block b0 + j), for the auto-vectoriser
+template <class F>
+SSGD_INLINE void four_per_block(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out, F&& f) {
   const Stream s = st;
 #pragma omp simd
   for (int64_t j = 0; j < nb; ++j) {
     uint32_t x0, x1, x2, x3;
     philox(b0 + (uint64_t)j, s, x0, x1, x2, x3);
-    float z0, z1, z2, z3;
-    rsincos(__builtin_sqrtf(m2log_u(x0)), x1, z0, z1);
-    rsincos(__builtin_sqrtf(m2log_u(x2)), x3, z2, z3);
-    out[4 * j + 0] = z0;
-    out[4 * j + 1] = z1;
-    out[4 * j + 2] = z2;
-    out[4 * j + 3] = z3;
+    f(x0, x1, x2, x3, out + 4 * j);
   }
+}
+
+#ifdef SSGD_GAUSS512
+static void gauss_blocks(const Stream& st, uint64_t b0, int64_t nb, float* out) { g512::fill_gauss(st, b0, nb, out); }
+static double gauss_sq_blocks(const Stream& st, uint64_t b0, int64_t nb) { return g512::gauss_sq(st, b0, nb); }
+#else
+static void gauss_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out) {
+  four_per_block(st, b0, nb, out, [](uint32_t x0, uint32_t x1, uint32_t x2, uint32_t x3, float* o) {
+    rsincos(__builtin_sqrtf(m2log_u(x0)), x1, o[0], o[1]);
+    rsincos(__builtin_sqrtf(m2log_u(x2)), x3, o[2], o[3]);
+  });
 }
 
 // sum over blocks of r0^2 + r1^2 = ||z||^2 of the block's four gaussians (no sin/cos)
@@ -128,16 +131,12 @@ static double gauss_sq_blocks(const Stream& st, uint64_t b0, int64_t nb) {
 #endif
 
 static void uniform_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out) {
-  const Stream s = st;
-#pragma omp simd
-  for (int64_t j = 0; j < nb; ++j) {
-    uint32_t x0, x1, x2, x3;
-    philox(b0 + (uint64_t)j, s, x0, x1, x2, x3);
-    out[4 * j + 0] = uniform_sym(x0);
-    out[4 * j + 1] = uniform_sym(x1);
-    out[4 * j + 2] = uniform_sym(x2);
-    out[4 * j + 3] = uniform_sym(x3);
-  }
+  four_per_block(st, b0, nb, out, [](uint32_t x0, uint32_t x1, uint32_t x2, uint32_t x3, float* o) {
+    o[0] = uniform_sym(x0);
+    o[1] = uniform_sym(x1);
+    o[2] = uniform_sym(x2);
+    o[3] = uniform_sym(x3);
+  });
 }
 
 static void rademacher_blocks(const Stream& st, uint64_t b0, int64_t nb, float* __restrict out) {

@@ -25,6 +25,14 @@ def _seed():
     torch.manual_seed(1234)
 
 
+@pytest.fixture(params=["reference", pytest.param("cpp", marks=pytest.mark.cpp)])
+def backend(request):
+    """Runs a test on the reference path and on the C++ kernels."""
+    if request.param == "cpp":
+        require_cpp()
+    return request.param
+
+
 def require_cpp():
     """Skips a C++-kernel test when the extension is missing, unless SSGD_FUSED_REQUIRE_CPP=1
     (set by scripts/test.sh and CI), where a missing build is a failure."""

@@ -15,17 +15,6 @@ import ssgd_fused
 from ssgd_fused import SSGD
 from tests.helpers import SmallCNN, clone_params, closure_for, make_data
 
-BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.cpp)]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "cpp":
-        from tests.conftest import require_cpp
-
-        require_cpp()
-    return request.param
-
 
 def _pair(backend, **kw):
     torch.manual_seed(0)

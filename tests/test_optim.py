@@ -12,17 +12,6 @@ import ssgd_fused
 from ssgd_fused import SSGD, ops
 from tests.helpers import SmallCNN, clone_params, closure_for, make_data
 
-BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.cpp)]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "cpp":
-        from tests.conftest import require_cpp
-
-        require_cpp()
-    return request.param
-
 
 # ---- maths ----------------------------------------------------------------------------------
 def test_quadratic_mean_gradient_is_exact_gradient(backend):
