@@ -322,6 +322,18 @@ static void restore_t(void* wv, const void* srcv, void* gv, float gs, const Rang
   }
 }
 
+// Element i of an update pass: the restored weight (base + cs * u) and the descent direction
+// (+-) of the scaled gradient, which is written back (rounded to the storage type) first.
+template <class S, bool NOISY>
+SSGD_INLINE void restore_elem(const typename S::T* base, const float* uu, typename S::T* g, int64_t i, float cs,
+                              float gs, float sgn, float& wi, float& d) {
+  wi = S::ld(base[i]);
+  if (NOISY) wi = wi + cs * uu[i];
+  const typename S::T gt = S::st(S::ld(g[i]) * gs);
+  g[i] = gt;
+  d = sgn * S::ld(gt);
+}
+
 // ---- restore + SGD -----------------------------------------------------------------------------
 // torch.optim.SGD, single-tensor formulation, with the roundings of its ATen ops:
 //   d = g (+ wd * w, one fma) ; buf = buf * m + (1 - damp) * d (mul, then fma) or d on the first step
@@ -344,11 +356,8 @@ static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, cons
       constexpr bool NOISY = decltype(noisy)::value, FIRST = decltype(first)::value;
 #pragma omp simd
       for (int64_t i = i0; i < i1; ++i) {
-        float wi = S::ld(base[i]);
-        if (NOISY) wi = wi + cs * uu[i];
-        T gt = S::st(S::ld(g[i]) * gs);
-        g[i] = gt;
-        float d = sgn * S::ld(gt);
+        float wi, d;
+        restore_elem<S, NOISY>(base, uu, g, i, cs, gs, sgn, wi, d);
         if (WD) d = __builtin_fmaf(wi, wd, d);
         if (MOM) {
           float b = FIRST ? d : __builtin_fmaf(d, omd, S::ld(buf[i]) * m);
@@ -394,11 +403,8 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
       constexpr bool NOISY = decltype(noisy)::value;
 #pragma omp simd
       for (int64_t i = i0; i < i1; ++i) {
-        float wi = S::ld(base[i]);
-        if (NOISY) wi = wi + cs * uu[i];
-        T gt = S::st(S::ld(g[i]) * gs);
-        g[i] = gt;
-        float d = sgn * S::ld(gt);
+        float wi, d;
+        restore_elem<S, NOISY>(base, uu, g, i, cs, gs, sgn, wi, d);
         if (decoupled_wd) wi = wi * decay;
         if (coupled_wd) d = __builtin_fmaf(wi, wd, d);
         float mo = S::ld(m1[i]);
