@@ -201,6 +201,10 @@ class SSGD(torch.optim.Optimizer):
     def _all_params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _tensor_ids(self):
+        """The spec's tensor_id of each parameter: its index in the flattened param_groups."""
+        return {p: i for i, p in enumerate(self._all_params())}
+
     def _resolve_backend(self, backend: str) -> str:
         params = self._all_params()
         devices = {p.device.type for p in params}
@@ -264,16 +268,15 @@ class SSGD(torch.optim.Optimizer):
         """Measures norms and scales; displaces nothing."""
         self._ensure_clean()
         params, tids, alphas = [], [], []
-        tid = 0
+        ids = self._tensor_ids()
         default = self.current_noise()
         for group in self.param_groups:
             for p in group["params"]:
                 a = self._alpha(group, p, default)
                 if a > 0 and p.numel() > 0:
                     params.append(p)
-                    tids.append(tid)
+                    tids.append(ids[p])
                     alphas.append(a)
-                tid += 1
         plan = _Plan(params, tids, alphas, self.noise_step)
         args = self._noise_args(plan)
         if params:
@@ -466,12 +469,7 @@ class SSGD(torch.optim.Optimizer):
                 zip(plan.params, plan.scales, plan.sources or [None] * len(plan.params))}
         empty = torch.empty(0, dtype=torch.float64)
         args = self._noise_args(plan)
-        tids = {}
-        tid = 0
-        for g in self.param_groups:
-            for p in g["params"]:
-                tids[p] = tid
-                tid += 1
+        tids = self._tensor_ids()
         next_norms = {}
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
