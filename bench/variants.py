@@ -112,10 +112,12 @@ class Fused(Variant):
         return {"perturb": self.perturb, "flip": self.flip, "restore+update+norms": self.update}
 
     def cycle(self):
-        opt = self.opt
-        for _ in opt._cycle():
+        # the optimizer's own cycle with the gradients already in place (no forward/backward): the
+        # closure API minus its zero_grad and closure calls, so the update is the fused one
+        cycle = self.opt._cycle
+        for _ in cycle.passes():
             pass
-        opt._finish(update=True)
+        cycle.finish(update=True)
 
 
 class Exact(Fused):

@@ -49,7 +49,7 @@ def test_trajectory_fused_matches_reference(dtype, base, scope):
     # are the kernels' alone
     opts = [SSGD(m.parameters(), cls, noise=0.5, scope=scope, distribution=dist, seed=11, backend="cpp", **kw)
             for m in models]
-    opts[1]._engine = ssgd_fused.reference
+    opts[1]._cycle.ops = ssgd_fused.reference
     for i in range(20):
         x, y = make_data(dtype=dtype, seed=i)
         losses = [o.step(closure_for(m, x, y)) for m, o in zip(models, opts)]

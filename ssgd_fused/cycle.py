@@ -1,0 +1,322 @@
+"""The noise cycle of S-SGD: one object that knows where the weights are.
+
+Per step (DESIGN of the package, README "How it works")::
+
+    begin     which tensors carry noise, their alphas, norms and scales s_i = alpha_i ||w_i|| / ||u_i||
+    passes    weights at +s*u (pass 0), then -s*u (pass 1), for each antithetic pair; the caller runs
+              forward/backward in each pass and .grad accumulates
+    finish    clean weights back and the gradient scaled to its mean, fused with the base optimizer's
+              update where a kernel exists (ssgd_fused.updates), else restore then base.step()
+
+Weights move only through the ops (``ssgd_fused.ops`` kernels or ``ssgd_fused.reference``), by an
+offset in units of s*u: a move from offset a to b adds (b - a) * s * u in place ("regenerate"), or
+rebuilds the tensor from a clean copy as src + b * s * u ("exact"). `ensure_clean` puts the clean
+weights back from wherever a cycle was left (exception, abandoned loop, state_dict in between).
+
+The update pass also measures the next step's norms (the updated weights are in registers); they
+are kept, keyed by the tensors' version counters, so that the next step needs no norm pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from . import reference as _reference
+from .options import Options
+from .updates import fused_update_for
+
+
+class _Plan:
+    """One step's displacement: the perturbed parameters (alpha > 0), their spec tensor ids, alphas,
+    scales and clean copies (exact restore), the antithetic pair applied and the current offset."""
+
+    def __init__(self, params, tids, alphas, exact, step):
+        self.params = params
+        self.tids = tids
+        self.alphas = alphas
+        self.exact = exact  # per parameter: rebuilt from a clean copy instead of by regeneration
+        self.scales = []
+        self.sources = None  # clean copies of the exact parameters, taken at the first displacement
+        self.step = step
+        self.sample = 0  # the antithetic pair whose noise is applied (the spec's `sample`)
+        self.offset = 0.0  # current displacement in units of s*u: +1, -1 or 0 (clean)
+
+    def info(self):
+        """{param: (scale, clean copy or None)}."""
+        return {p: (s, src) for p, s, src in zip(self.params, self.scales, self.sources or [None] * len(self.params))}
+
+
+def _split(items, key):
+    """Items grouped by key(item), in first-seen order of the keys (the kernels take one kind of
+    tensor at a time: exact or regenerated, with or without a gradient)."""
+    out: dict = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return out.items()
+
+
+class NoiseCycle:
+    """The S-SGD cycle over a base optimizer's param_groups; ``ops`` moves the weights."""
+
+    def __init__(self, base: torch.optim.Optimizer, options: Options, ops, fused: bool,
+                 bn_layers: list[torch.nn.Module]):
+        self.base = base
+        self.options = options
+        self.ops = ops  # ssgd_fused.ops (the kernels) or ssgd_fused.reference
+        self.fused = fused  # restore fused with the base update where ssgd_fused.updates has a kernel
+        self.bn_layers = bn_layers
+        self.seed = options.seed
+        self.step = 0  # completed steps (noise cycles); the spec's `step` counter
+        self.last_step_skipped = False
+        self._plan: _Plan | None = None
+        self._norms: dict = {}  # {"key": (seed, step, ...), "entries": {p: (w_sq, u_sq, p._version)}}
+        self._backups: dict[torch.Tensor, torch.Tensor] = {}
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def params(self):
+        return [p for g in self.base.param_groups for p in g["params"]]
+
+    def tensor_ids(self):
+        """The spec's tensor_id of each parameter: its index in the flattened param_groups."""
+        return {p: i for i, p in enumerate(self.params())}
+
+    def num_passes(self) -> int:
+        return len(self.options.passes(self.step))
+
+    def forget_norms(self):
+        self._norms = {}
+
+    def _stream(self, plan: _Plan, **extra):
+        o = self.options
+        return dict(seed=self.seed, step=plan.step, sample=plan.sample, distribution=o.distribution,
+                    filter=o.scope == "filter", **extra)
+
+    def _norm_key(self, step):
+        return (self.seed, step, self.options.distribution, self.options.scope)
+
+    def _exact(self, p) -> bool:
+        restore = self.options.restore
+        if not self.fused or restore == "exact":
+            return True
+        return restore == "auto" and p.dtype != torch.float32
+
+    def _alpha(self, group, p, default) -> float:
+        if self.step < self.options.start_step:
+            return 0.0
+        if group.get("noise") is not None:
+            return group["noise"]
+        return default if p.dim() >= 2 else 0.0
+
+    # ---- one cycle -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _begin(self) -> _Plan:
+        """Chooses the perturbed tensors and measures their scales; displaces nothing."""
+        self.ensure_clean()
+        ids = self.tensor_ids()
+        default = self.options.alpha_at(self.step)
+        chosen = [(p, ids[p], a) for g in self.base.param_groups for p in g["params"]
+                  if (a := self._alpha(g, p, default)) > 0 and p.numel() > 0]
+        params = [c[0] for c in chosen]
+        plan = _Plan(params, [c[1] for c in chosen], [c[2] for c in chosen], [self._exact(p) for p in params],
+                     self.step)
+        if params:
+            w_sq, u_sq = self._measure(plan)
+            plan.scales = _reference.scales_from_norms(w_sq, u_sq, plan.alphas)
+        return plan
+
+    def _measure(self, plan: _Plan):
+        """(||w||^2, ||u||^2) per perturbed tensor: from the previous update pass where the weights
+        have not changed since (same version counter), from a norm pass for the rest."""
+        fresh = self._norms.get("key") == self._norm_key(plan.step)
+        cached = self._norms.get("entries", {}) if fresh else {}
+        self._norms = {}
+        hit = [cached.get(p) for p in plan.params]
+        hit = [h if h is not None and h[2] == p._version else None for h, p in zip(hit, plan.params)]
+        w_sq, u_sq = [h and h[0] for h in hit], [h and h[1] for h in hit]
+        miss = [i for i, h in enumerate(hit) if h is None]
+        if miss:
+            w, u = self.ops.norms([plan.params[i] for i in miss], tensor_ids=[plan.tids[i] for i in miss],
+                                  **self._stream(plan))
+            for i, a, b in zip(miss, w, u):
+                w_sq[i], u_sq[i] = a, b
+        return w_sq, u_sq
+
+    def passes(self) -> Iterator[int]:
+        """Displaces the weights for each pass and yields the pass index; any exit other than
+        running to completion (exception, close) puts the clean weights back. On completion the
+        weights stay at the last displacement until `finish`."""
+        plan = self._begin()
+        self._plan = plan
+        first_grads = []
+        done = False
+        try:
+            for k, (pair, target) in enumerate(self.options.passes(plan.step)):
+                if pair != plan.sample and plan.params:
+                    self._switch_pair(plan, pair)
+                self._move(plan, target)
+                frozen = self._freeze_bn(k)
+                try:
+                    yield k
+                finally:
+                    for m in frozen:
+                        m.track_running_stats = True
+                if self._plan is not plan:
+                    raise RuntimeError("the clean weights were restored in the middle of the S-SGD passes "
+                                       "(state_dict(), load_state_dict() or a new step was called inside them)")
+                if k == 0:
+                    first_grads = [(p, p.grad) for p in self.params() if p.grad is not None]
+            self._check_grads(first_grads)
+            done = True
+        finally:
+            if not done and self._plan is plan:
+                self.ensure_clean()
+
+    def finish(self, update: bool):
+        """Restores the clean weights and scales the gradients to their mean (fused with the base
+        update where a kernel exists), applies the update if asked, and ends the cycle."""
+        plan = self._plan
+        gs = 1.0 / self.num_passes()
+        self.last_step_skipped = False
+        try:
+            gs = self._finite_and_clipped(gs)
+            if gs is None:  # non-finite gradients, nonfinite="skip": clean weights, no update
+                self.last_step_skipped = True
+                self._move(plan, 0.0)
+                return
+            fused_update = fused_update_for(self.base) if update and self.fused else None
+            if fused_update is not None:
+                self._restore_update(plan, gs, fused_update)
+                return
+            perturbed = set(plan.params)
+            others = [p.grad for p in self.params() if p not in perturbed and p.grad is not None]
+            self._move(plan, 0.0, grads=[p.grad for p in plan.params], grad_scale=gs)
+            if gs != 1.0 and others:
+                torch._foreach_mul_(others, gs)
+            if update:
+                self.base.step()
+        finally:
+            self.ensure_clean()
+            self.step += 1
+
+    def ensure_clean(self):
+        """Puts back clean weights if a cycle was left half-way (exception, abandoned loop)."""
+        plan = self._plan
+        if plan is not None:
+            self._plan = None
+            if plan.offset != 0:
+                self._move(plan, 0.0)
+
+    # ---- moves -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _move(self, plan: _Plan, target: float, grads=None, grad_scale: float = 1.0):
+        """Moves the perturbed weights from plan.offset to `target` (in units of s*u); with grads,
+        also scales them (restore_). Exact tensors are rebuilt from their clean copy."""
+        if plan.params:
+            if any(plan.exact) and plan.sources is None:  # first displacement: take the clean copies
+                plan.sources = [self._backup(p) if ex else None for p, ex in zip(plan.params, plan.exact)]
+            has_grad = (lambda i: False) if grads is None else (lambda i: grads[i] is not None)
+            for (exact, with_grad), idx in _split(range(len(plan.params)), lambda i: (plan.exact[i], has_grad(i))):
+                def pick(xs, idx=idx):
+                    return [xs[i] for i in idx]
+
+                coef = target if exact else target - plan.offset
+                stream = self._stream(plan, tensor_ids=pick(plan.tids), sources=pick(plan.sources) if exact else None)
+                if with_grad:
+                    self.ops.restore_(pick(plan.params), pick(grads), pick(plan.scales), coef, grad_scale, **stream)
+                else:
+                    self.ops.perturb_(pick(plan.params), pick(plan.scales), coef, **stream)
+        plan.offset = target
+
+    def _restore_update(self, plan: _Plan, grad_scale: float, fused_update):
+        """Restore + base update in one pass per param group and kind, which also measures the
+        next step's norms of the updated weights (pair 0's noise)."""
+        info = plan.info()
+        tids = self.tensor_ids()
+        empty = torch.empty(0, dtype=torch.float64)
+        filter = self.options.scope == "filter"
+        next_norms = {}
+        for group in self.base.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            # exact tensors rebuild from their clean copy (coef 0); the rest re-add the noise
+            for exact, ps in _split(with_grad, lambda p: p in info and info[p][1] is not None):
+                rows = [_reference.num_slices(p, filter) if p in info and plan.sample == 0 else 0 for p in ps]
+                nw = [torch.empty(r, dtype=torch.float64) for r in rows]
+                nu = [torch.empty(r, dtype=torch.float64) for r in rows]
+                stream = self._stream(plan, tensor_ids=[tids[p] for p in ps],
+                                      sources=[info[p][1] for p in ps] if exact else None,
+                                      next_w_sq=nw, next_u_sq=nu, next_step=plan.step + 1)
+                fused_update(self.ops, self.base, group, ps, [p.grad for p in ps],
+                             [info[p][0] if p in info else empty for p in ps], 0.0 if exact else -plan.offset,
+                             grad_scale, **stream)
+                next_norms.update({p: (w, u, p._version) for p, w, u, r in zip(ps, nw, nu, rows) if r})
+        for p in plan.params:  # perturbed parameters that received no gradient: restore only
+            if p.grad is None:
+                s, src = info[p]
+                self.ops.perturb_([p], [s], 0.0 if src is not None else -plan.offset,
+                                  **self._stream(plan, tensor_ids=[tids[p]], sources=None if src is None else [src]))
+        plan.offset = 0.0
+        self._norms = {"key": self._norm_key(plan.step + 1), "entries": next_norms}
+
+    def _switch_pair(self, plan: _Plan, sample: int):
+        """Back to the clean weights, then the noise of antithetic pair `sample` (its own norms)."""
+        self._move(plan, 0.0)
+        plan.sample = sample
+        w_sq, u_sq = self.ops.norms(plan.params, tensor_ids=plan.tids, **self._stream(plan))
+        plan.scales = _reference.scales_from_norms(w_sq, u_sq, plan.alphas)
+
+    def _backup(self, p):
+        b = self._backups.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype:
+            b = self._backups[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        b.copy_(p)
+        return b
+
+    # ---- checks between and after the passes ---------------------------------------------------
+    def _freeze_bn(self, k: int):
+        """BatchNorm running statistics during pass k: bn_stats="both" updates them in every pass
+        (the paper's behaviour), "first" in the first pass only, "none" never. A frozen layer
+        still normalises with the batch's statistics in training mode."""
+        policy = self.options.bn_stats
+        if policy == "both" or (policy == "first" and k == 0):
+            return []
+        frozen = [m for m in self.bn_layers if m.track_running_stats]
+        for m in frozen:
+            m.track_running_stats = False
+        return frozen
+
+    def _check_grads(self, first_grads):
+        for p in self.params():
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError("SSGD does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                                   "use dense gradients")
+        for p, g in first_grads:
+            if p.grad is not g:
+                raise RuntimeError(
+                    "p.grad was replaced between the two passes (was zero_grad() called inside the closure "
+                    "or the twin_passes() loop?). The second pass must accumulate into the first: zero the "
+                    "gradients before the step, not between its passes.")
+
+    @torch.no_grad()
+    def _finite_and_clipped(self, gs: float):
+        """The gradient scale for the mean gradient, times the clipping coefficient of
+        max_grad_norm; None to skip the step (non-finite gradients with nonfinite="skip")."""
+        o = self.options
+        if o.max_grad_norm is None and o.nonfinite == "update":
+            return gs
+        grads = [p.grad for p in self.params() if p.grad is not None]
+        if not grads:
+            return gs
+        total = gs * torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).double(), 2.0).item()
+        if not math.isfinite(total):
+            if o.nonfinite == "raise":
+                raise FloatingPointError("SSGD: non-finite gradients (inf or NaN) in this step; the clean "
+                                         "weights were restored and nothing was updated")
+            if o.nonfinite == "skip":
+                return None
+            return gs
+        if o.max_grad_norm is not None:
+            gs *= min(1.0, o.max_grad_norm / (total + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+        return gs
