@@ -224,7 +224,8 @@ def _resolve_backend(backend: str, params) -> str:
     elif devices == {"cuda"}:
         kernel_ok, why = _ops.triton_available(), "triton is not installed"
     else:
-        kernel_ok, why = False, f"parameters live on {sorted(devices)}; the fused kernels need all on cpu or all on cuda"
+        kernel_ok = False
+        why = f"parameters live on {sorted(devices)}; the fused kernels need all on cpu or all on cuda"
     if kernel_ok:
         why = None
         if any(p.dtype not in FUSED_DTYPES for p in params):
