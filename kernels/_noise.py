@@ -1,6 +1,6 @@
 """Noise spec v1 inside Triton kernels: tl.philox (bit-identical to the spec, tested), Box-Muller with
 the quadrant taken from the integer bits of the angle word and short polynomials for sin/cos on a
-quarter turn (the coefficients of csrc/noise_consts.h), and storage conversions.
+quarter turn (ssgd_fused.noise.SINCOS_POLY, as in csrc/noise_consts.h), and storage conversions.
 
 Element order: a chunk of BLOCK elements starting at a multiple of 128 takes BLOCK // 4 Philox
 blocks (one call per four gaussian or uniform values) or BLOCK // 128 blocks (rademacher)."""
@@ -8,15 +8,17 @@ blocks (one call per four gaussian or uniform values) or BLOCK // 128 blocks (ra
 import triton
 import triton.language as tl
 
-# sin(pi/2 t), cos(pi/2 t) on |t| <= 1/2 (csrc/noise_consts.h)
-S0 = tl.constexpr(1.5707963705062866)  # 0x1.921fb6p+0
-S1 = tl.constexpr(-0.6459634900093079)  # -0x1.4abbbap-1
-S2 = tl.constexpr(0.07968003302812576)  # 0x1.465e92p-4
-S3 = tl.constexpr(-0.004601658787578344)  # -0x1.2d9306p-8
-C1 = tl.constexpr(-1.2337005138397217)  # -0x1.3bd3ccp+0
-C2 = tl.constexpr(0.25366923213005066)  # 0x1.03c1dep-2
-C3 = tl.constexpr(-0.02086028829216957)  # -0x1.55c664p-6
-C4 = tl.constexpr(0.0009040216682478786)  # 0x1.d9f7bcp-11
+from ..noise import SINCOS_POLY as _P
+
+# sin(pi/2 t), cos(pi/2 t) on |t| <= 1/2: the coefficients of ssgd_fused.noise.SINCOS_POLY
+S0 = tl.constexpr(_P["S0"])
+S1 = tl.constexpr(_P["S1"])
+S2 = tl.constexpr(_P["S2"])
+S3 = tl.constexpr(_P["S3"])
+C1 = tl.constexpr(_P["C1"])
+C2 = tl.constexpr(_P["C2"])
+C3 = tl.constexpr(_P["C3"])
+C4 = tl.constexpr(_P["C4"])
 
 GAUSSIAN = tl.constexpr(0)
 RADEMACHER = tl.constexpr(1)

@@ -1,22 +1,38 @@
 """Host side of the multi-tensor launches: one launch per pass and dtype, whatever the number of
 tensors. Each program handles one chunk of BLOCK elements of one tensor; the tensors' addresses
-and sizes travel in a small int64 table (pointer table), the chunks in another."""
+and sizes travel in a small int64 table (one row per tensor, the columns below), the chunks in
+another."""
 
 from __future__ import annotations
 
 import torch
+import triton.language as tl
+
+from ..reference import num_slices
 
 BLOCK = 1024  # elements per program (a multiple of 128: chunks start on rademacher blocks)
-# columns of the per-tensor table
-W, SRC, G, B1, B2, B3, NUMEL, TID, SOFF, CLO, CHI, ROWLEN, NCOL = range(13)
+
+# Columns of the per-tensor table, read by name in the kernels (ssgd_fused.kernels._device.col).
+W = tl.constexpr(0)  # the parameter's address
+SRC = tl.constexpr(1)  # its clean copy (exact restore), or 0
+G = tl.constexpr(2)  # its gradient, or 0
+B1 = tl.constexpr(3)  # optimizer buffers: SGD momentum; Adam exp_avg,
+B2 = tl.constexpr(4)  # exp_avg_sq,
+B3 = tl.constexpr(5)  # max_exp_avg_sq
+NUMEL = tl.constexpr(6)
+TID = tl.constexpr(7)  # the spec's tensor_id
+SOFF = tl.constexpr(8)  # offset of its scales in the flat scale vector, -1 for no noise
+CLO = tl.constexpr(9)  # its chunks: [CLO, CHI) in the chunk table
+CHI = tl.constexpr(10)
+ROWLEN = tl.constexpr(11)  # elements per dim-0 slice (filter scope)
+FLAG = tl.constexpr(12)  # a per-tensor flag: SGD's "first step, the momentum buffer is d"
+NCOL = tl.constexpr(13)
 
 KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DIST = {"gaussian": 0, "rademacher": 1, "uniform": 2}
 
 
 def triton_dtype(dtype):
-    import triton.language as tl
-
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
@@ -28,7 +44,8 @@ def _at(xs, i):
     return None if xs is None else xs[i]
 
 
-def check(params, others=(), filter=False, sources=None):
+def check(params, others=(), sources=None):
+    """Dtypes the kernels take; every tensor contiguous and on params[0]'s device."""
     dtypes = {p.dtype for p in params}
     if not dtypes <= set(KIND):
         raise RuntimeError(f"ssgd_fused: the Triton kernels support float32, bfloat16 and float16, got {dtypes}")
@@ -49,11 +66,7 @@ def groups_by_dtype(params):
     return out
 
 
-def rows_of(p, filter):
-    return p.shape[0] if (filter and p.dim() >= 1) else 1
-
-
-def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=None, b2=None, b3=None,
+def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=None, b2=None, b3=None, flags=None,
           filter=False):
     """(meta, chunks, scales_flat, nchunks) device tensors for the tensors `idx` of the lists; with
     `filter`, a tensor's scales hold one entry per slice along dim 0 (row length in ROWLEN)."""
@@ -70,20 +83,18 @@ def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=Non
             off += s.numel()
         clo = len(chunks)
         chunks.extend((k, c) for c in range(0, n, BLOCK))
-        rows.append([_addr(p), _addr(_at(sources, i)), _addr(_at(grads, i)), _addr(_at(b1, i)), _addr(_at(b2, i)),
-                     _addr(_at(b3, i)), n, int(tensor_ids[i]), soff, clo, len(chunks),
-                     max(1, n // max(1, rows_of(p, filter)))])
+        row = [0] * NCOL.value
+        row[W], row[SRC], row[G] = _addr(p), _addr(_at(sources, i)), _addr(_at(grads, i))
+        row[B1], row[B2], row[B3] = _addr(_at(b1, i)), _addr(_at(b2, i)), _addr(_at(b3, i))
+        row[NUMEL], row[TID], row[SOFF], row[CLO], row[CHI] = n, int(tensor_ids[i]), soff, clo, len(chunks)
+        row[ROWLEN] = max(1, n // max(1, num_slices(p, filter)))
+        row[FLAG] = int(bool(flags[i])) if flags is not None else 0
+        rows.append(row)
     dev = params[idx[0]].device
     meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
     ch = torch.tensor(chunks if chunks else [(0, 0)], dtype=torch.int64).to(dev, non_blocking=True)
     sflat = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.float32, device=dev)
     return meta, ch, sflat, len(chunks)
-
-
-def stream_args(seed, step, sample):
-    """seed as an unsigned 64-bit int (the schema carries it as int64), c1 high bits, step & 2**32-1."""
-    seed = seed + (1 << 64) if seed < 0 else seed
-    return seed, (sample << 16), step & 0xFFFFFFFF
 
 
 def build_rows(idx, params, tensor_ids):
@@ -93,9 +104,11 @@ def build_rows(idx, params, tensor_ids):
     for k, i in enumerate(idx):
         p = params[i]
         n = p.numel()
-        nr = rows_of(p, True)
+        nr = num_slices(p, True)
         L = n // nr if nr else 0
-        rows.append([_addr(p), 0, 0, 0, 0, 0, n, int(tensor_ids[i]), -1, 0, 0, max(L, 1)])
+        row = [0] * NCOL.value
+        row[W], row[NUMEL], row[TID], row[SOFF], row[ROWLEN] = _addr(p), n, int(tensor_ids[i]), -1, max(L, 1)
+        rows.append(row)
         for r in range(nr):
             lo = len(chunks)
             chunks.extend((k, s, min(s + BLOCK, (r + 1) * L)) for s in range(r * L, (r + 1) * L, BLOCK))
@@ -105,3 +118,9 @@ def build_rows(idx, params, tensor_ids):
     ch = torch.tensor(chunks if chunks else [(0, 0, 0)], dtype=torch.int64).to(dev, non_blocking=True)
     rc = torch.tensor(row_chunks if row_chunks else [(0, 0)], dtype=torch.int64).to(dev, non_blocking=True)
     return meta, ch, len(chunks), rc, len(row_chunks)
+
+
+def stream_args(seed, step, sample):
+    """seed as an unsigned 64-bit int (the schema carries it as int64), c1 high bits, step & 2**32-1."""
+    seed = seed + (1 << 64) if seed < 0 else seed
+    return seed, (sample << 16), step & 0xFFFFFFFF

@@ -10,18 +10,16 @@ import argparse
 import json
 import os
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from . import _tables as T  # noqa: E402
-from .adam import _adam  # noqa: E402
-from .norms import _norms_finish, _norms_partial, _norms_rows_partial  # noqa: E402
-from .perturb import _perturb  # noqa: E402
-from .sgd import _sgd  # noqa: E402
+from . import _tables as T
+from ._reduce import _norms_finish, _norms_partial, _norms_rows_partial
+from .adam import _adam
+from .perturb import _perturb
+from .sgd import _sgd
 
 P = "*i64"
 STREAM = {"seed": "u64", "c1hi": "i32", "step": "i32"}
@@ -31,7 +29,7 @@ def configs():
     """(name, kernel, signature, constexprs) for each distribution x dtype x variant."""
     for dist_name, dist in T.DIST.items():
         for dt_name, dt, kind in (("fp32", tl.float32, 0), ("bf16", tl.bfloat16, 1), ("fp16", tl.float16, 2)):
-            common = {"DT": dt, "DIST": dist, "NCOL": T.NCOL, "BLOCK": T.BLOCK}
+            common = {"DT": dt, "DIST": dist, "BLOCK": T.BLOCK}
             yield (f"norms_partial[{dist_name},{dt_name}]", _norms_partial,
                    {"meta": P, "chunks": P, "part": "*fp64", **STREAM}, common)
             yield (f"norms_rows_partial[{dist_name},{dt_name}]", _norms_rows_partial,
@@ -43,8 +41,8 @@ def configs():
                    {"meta": P, "chunks": P, "sflat": "*fp32", "part": "*fp64", "coef": "fp32", "grad_scale": "fp32",
                     **STREAM, "next_step": "i32", "lr": "fp32", "momentum": "fp32", "omd": "fp32", "wd": "fp32",
                     "sgn": "fp32"},
-                   {**common, "NCOL": T.NCOL + 1, "KIND": kind, "HAS_SRC": False, "MOM": True, "NEST": True,
-                    "WD": True, "INIT_COL": T.NCOL, "NEXT": True, "FILTER": False})
+                   {**common, "KIND": kind, "HAS_SRC": False, "MOM": True, "NEST": True, "WD": True, "NEXT": True,
+                    "FILTER": False})
             yield (f"adam[{dist_name},{dt_name}]", _adam,
                    {"meta": P, "fmeta": "*fp32", "chunks": P, "sflat": "*fp32", "part": "*fp64", "coef": "fp32",
                     "grad_scale": "fp32", **STREAM, "next_step": "i32", "w1": "fp32", "beta2": "fp32",

@@ -7,24 +7,24 @@ import triton
 import triton.language as tl
 
 from . import _tables as T
-from . import norms as N
+from ._device import chunk_of, col, displaced, ptr, scale_grad, store_weights_and_next_norms
 from ._noise import store_value
-from .perturb import chunk_of, displaced, scale_grad, store_weights_and_next_norms
+from ._reduce import next_norms_into
+from ._tables import B1, FLAG
 
 
 @triton.jit
 def _sgd(meta, chunks, sflat, part, coef, grad_scale, seed, c1hi, step, next_step, lr, momentum, omd, wd, sgn,
-         DT: tl.constexpr, KIND: tl.constexpr, DIST: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr,
-         HAS_SRC: tl.constexpr, MOM: tl.constexpr, NEST: tl.constexpr, WD: tl.constexpr, INIT_COL: tl.constexpr,
-         NEXT: tl.constexpr, FILTER: tl.constexpr):
-    t, start, n, offs, mask = chunk_of(meta, chunks, NCOL, BLOCK)
-    w = displaced(meta, t, start, offs, mask, sflat, coef, seed, c1hi, step, DT, DIST, NCOL, BLOCK, HAS_SRC, FILTER)
-    d = sgn * scale_grad(meta, t, offs, mask, grad_scale, DT, KIND, NCOL)
+         DT: tl.constexpr, KIND: tl.constexpr, DIST: tl.constexpr, BLOCK: tl.constexpr, HAS_SRC: tl.constexpr,
+         MOM: tl.constexpr, NEST: tl.constexpr, WD: tl.constexpr, NEXT: tl.constexpr, FILTER: tl.constexpr):
+    t, start, n, offs, mask = chunk_of(meta, chunks, BLOCK)
+    w = displaced(meta, t, start, offs, mask, sflat, coef, seed, c1hi, step, DT, DIST, BLOCK, HAS_SRC, FILTER)
+    d = sgn * scale_grad(meta, t, offs, mask, grad_scale, DT, KIND)
     if WD:
         d = tl.fma(w, wd, d)
     if MOM:
-        bp = tl.load(meta + t * NCOL + 3).to(tl.pointer_type(DT))
-        init = tl.load(meta + t * NCOL + INIT_COL) != 0  # first step: the buffer is d (torch's clone)
+        bp = ptr(meta, t, B1, DT)
+        init = col(meta, t, FLAG) != 0  # first step: the buffer is d (torch's clone)
         b_old = tl.load(bp + offs, mask=mask, other=0.0).to(tl.float32)  # unused (maybe garbage) if init
         b = tl.where(init, d, tl.fma(d, omd, b_old * momentum))
         store_value(bp + offs, b, mask, KIND)
@@ -35,30 +35,28 @@ def _sgd(meta, chunks, sflat, part, coef, grad_scale, seed, c1hi, step, next_ste
             d = b
     w_new = tl.fma(d, -lr, w)
     store_weights_and_next_norms(meta, t, start, n, offs, mask, w_new, part, seed, c1hi, next_step, DT, KIND, DIST,
-                                 NCOL, BLOCK, NEXT)
+                                 BLOCK, NEXT)
 
 
 def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids, sample,
-                        distribution, filter, sources, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                        distribution, filter, sources, lr, momentum, dampening, weight_decay, nesterov, maximize,
                         init_momentum, next_w_sq=(), next_u_sq=(), next_step=0):
-    T.check(params, (("grads", grads), ("momentum_buffers", momentum_buffers if momentum else [])), filter, sources)
+    T.check(params, (("grads", grads), ("momentum_buffers", momentum_buffers if momentum else [])), sources)
     seed, c1hi, step32 = T.stream_args(seed, step, sample)
     next_on = len(next_w_sq) > 0
     for dtype, idx in T.groups_by_dtype(params).items():
         meta, chunks, sflat, nchunks = T.build(idx, params, tensor_ids, scales, sources, grads,
-                                               momentum_buffers if momentum else None, filter=filter)
-        init = torch.tensor([bool(init_momentum[i]) if momentum else False for i in idx], dtype=torch.int64)
-        meta = torch.cat([meta, init.to(meta.device)[:, None]], dim=1)  # one more column: init flag
-        dev = params[idx[0]].device
-        part = torch.zeros(max(nchunks, 1), 2, dtype=torch.float64, device=dev)
+                                               momentum_buffers if momentum else None,
+                                               flags=init_momentum if momentum else None, filter=filter)
+        part = torch.zeros(max(nchunks, 1), 2, dtype=torch.float64, device=params[idx[0]].device)
         if nchunks:
             _sgd[(nchunks,)](meta, chunks, sflat, part, float(coef), float(grad_scale), seed, c1hi, step32,
                              next_step & 0xFFFFFFFF, float(lr), float(momentum), float(1 - dampening),
                              float(weight_decay), -1.0 if maximize else 1.0, DT=T.triton_dtype(dtype),
-                             KIND=T.KIND[dtype], DIST=T.DIST[distribution], NCOL=T.NCOL + 1, BLOCK=T.BLOCK,
+                             KIND=T.KIND[dtype], DIST=T.DIST[distribution], BLOCK=T.BLOCK,
                              HAS_SRC=sources is not None, MOM=momentum != 0, NEST=bool(nesterov and momentum),
-                             WD=weight_decay != 0, INIT_COL=T.NCOL, NEXT=next_on and not filter, FILTER=bool(filter),
-                              enable_fp_fusion=False)
+                             WD=weight_decay != 0, NEXT=next_on and not filter, FILTER=bool(filter),
+                             enable_fp_fusion=False)
         if next_on:
-            N.next_norms_into(next_w_sq, next_u_sq, idx, params, meta, part, nchunks, T.NCOL + 1, seed, next_step,
-                              tensor_ids, sample, distribution, filter)
+            next_norms_into(next_w_sq, next_u_sq, idx, params, meta, part, nchunks, seed, next_step, tensor_ids,
+                            sample, distribution, filter)

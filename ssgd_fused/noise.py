@@ -52,6 +52,21 @@ PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
+
+# The fused kernels' Box-Muller (not part of the spec, which is r cos th, r sin th in float32): the
+# angle's quadrant from the integer bits, then sin(pi/2 t), cos(pi/2 t) on |t| <= 1/2 as
+# t (S0 + S1 t^2 + S2 t^4 + S3 t^6) and 1 + C1 t^2 + ... + C4 t^8; the C++ kernels also take -2 ln u
+# as k M2LN2 + f (-2 + f Q(f)), f = z - 1 for z in [sqrt(1/2), sqrt(2)), Q = LQ0 + LQ1 f + ...
+# Minimax fits rounded to float32, |error| <= 6.8e-7 over every input (within GAUSSIAN_TOL).
+# csrc/noise_consts.h and kernels/_noise.py carry the same numbers (tests/test_noise.py checks).
+SINCOS_POLY = {name: float.fromhex(h) for name, h in (
+    ("S0", "0x1.921fb6p+0"), ("S1", "-0x1.4abbbap-1"), ("S2", "0x1.465e92p-4"), ("S3", "-0x1.2d9306p-8"),
+    ("C1", "-0x1.3bd3ccp+0"), ("C2", "0x1.03c1dep-2"), ("C3", "-0x1.55c664p-6"), ("C4", "0x1.d9f7bcp-11"))}
+LOG_POLY = {name: -2.0 * float.fromhex(h) for name, h in (
+    ("LQ0", "-0x1.fffffap-2"), ("LQ1", "0x1.5556f4p-2"), ("LQ2", "-0x1.00049ap-2"), ("LQ3", "0x1.98d2c0p-3"),
+    ("LQ4", "-0x1.535d32p-3"), ("LQ5", "0x1.318522p-3"), ("LQ6", "-0x1.250490p-3"), ("LQ7", "0x1.65c770p-4"),
+    ("M2LN2", "0x1.62e430p-1"))}
+
 _MASK32 = 0xFFFFFFFF
 _MAX_BLOCKS = 1 << 48  # 32 bits in c0 + 16 bits in c1
 

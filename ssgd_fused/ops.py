@@ -8,7 +8,6 @@ those of the function of the same name in :mod:`ssgd_fused.reference`.
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
@@ -112,41 +111,32 @@ def triton_available() -> bool:
 
 
 # ---- CUDA: the Triton kernels, imported on the first CUDA call ---------------------------------
-_KERNEL_MODULE = {"norms": "norms", "perturb_": "perturb", "restore_": "perturb", "restore_update_sgd_": "sgd",
+# Each launcher takes the op schema's arguments in the schema's order (tests/test_op_contract.py).
+KERNEL_MODULES = {"norms": "norms", "perturb_": "perturb", "restore_": "perturb", "restore_update_sgd_": "sgd",
                   "restore_update_adam_": "adam"}
+
+
+def triton_launcher(name):
+    """The Triton launcher of op `name` (imports triton and the kernels)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"ssgd_fused.kernels.{KERNEL_MODULES[name]}"), name)
 
 
 def _cuda_impl(name):
     def impl(*args):
-        import importlib
-
-        mod = importlib.import_module(f"ssgd_fused.kernels.{_KERNEL_MODULE[name]}")
-        fn = getattr(mod, name)
-        if name == "restore_update_sgd_":
-            *pos, lr, mom, damp, wd, nest, maxi, init, nw, nu, nstep = args
-            return fn(*pos, lr=lr, momentum=mom, dampening=damp, weight_decay=wd, nesterov=nest, maximize=maxi,
-                      init_momentum=init, next_w_sq=nw, next_u_sq=nu, next_step=nstep)
-        if name == "restore_update_adam_":
-            *pos, steps, lr, b1, b2, eps, wd, dec, ams, maxi, nw, nu, nstep = args
-            return fn(*pos, steps=steps, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
-                      decoupled_weight_decay=dec, amsgrad=ams, maximize=maxi, next_w_sq=nw, next_u_sq=nu,
-                      next_step=nstep)
-        return fn(*args)
+        return triton_launcher(name)(*args)
 
     return impl
 
 
-for _name in _KERNEL_MODULE:
+for _name in KERNEL_MODULES:
     torch.library.register_kernel(f"{LIB}::{_name}", "cuda", _cuda_impl(_name))
 
 
 def seed_to_i64(seed: int) -> int:
     """The unsigned 64-bit seed as the signed int64 an op schema carries (same bits)."""
     return seed - (1 << 64) if seed >= (1 << 63) else seed
-
-
-def warn_once(msg: str) -> None:
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 # ---- thin Python wrappers with the reference module's signatures ---------------------------
@@ -185,7 +175,7 @@ def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sa
 
 
 def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids,
-                        sample, distribution, filter, sources, *, lr, momentum, dampening, weight_decay,
+                        sample, distribution, filter, sources, lr, momentum, dampening, weight_decay,
                         nesterov, maximize, init_momentum, next_w_sq=(), next_u_sq=(), next_step=0):
     _op("restore_update_sgd_")(params, grads, momentum_buffers, scales, coef, grad_scale, seed_to_i64(seed), step,
                                tensor_ids, sample, distribution, filter, sources, lr, momentum, dampening,
@@ -195,7 +185,7 @@ def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scal
 
 
 def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
-                         seed, step, tensor_ids, sample, distribution, filter, sources, *, steps, lr, beta1,
+                         seed, step, tensor_ids, sample, distribution, filter, sources, steps, lr, beta1,
                          beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, next_w_sq=(),
                          next_u_sq=(), next_step=0):
     _op("restore_update_adam_")(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,

@@ -108,7 +108,7 @@ def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sa
 
 @torch.no_grad()
 def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids,
-                        sample, distribution, filter, sources, *, lr, momentum, dampening, weight_decay,
+                        sample, distribution, filter, sources, lr, momentum, dampening, weight_decay,
                         nesterov, maximize, init_momentum, next_w_sq=(), next_u_sq=(), next_step=0):
     """Restore (as restore_), then torch.optim.SGD's update with the scaled gradient.
 
@@ -157,7 +157,7 @@ def _next_norms(params, next_w_sq, next_u_sq, seed, step, tensor_ids, sample, di
 
 @torch.no_grad()
 def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
-                         seed, step, tensor_ids, sample, distribution, filter, sources, *, steps, lr, beta1,
+                         seed, step, tensor_ids, sample, distribution, filter, sources, steps, lr, beta1,
                          beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, next_w_sq=(),
                          next_u_sq=(), next_step=0):
     """Restore (as restore_), then torch.optim.Adam / AdamW's update (torch's op sequence, in

@@ -10,7 +10,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 
 import pytest  # noqa: E402
 
-import ssgd_fused
+import ssgd_fused  # noqa: E402
+from tests.helpers import require_cpp  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -33,15 +34,4 @@ def backend(request):
     return request.param
 
 
-def require_cpp():
-    """Skips a C++-kernel test when the extension is missing, unless SSGD_FUSED_REQUIRE_CPP=1
-    (set by scripts/test.sh and CI), where a missing build is a failure."""
-    from ssgd_fused import ops
-
-    if not ops.cpp_available():
-        if os.environ.get("SSGD_FUSED_REQUIRE_CPP", "0") not in ("", "0"):
-            pytest.fail(f"C++ extension required but unavailable: {ops.cpp_unavailable_reason()}")
-        pytest.skip(f"C++ extension unavailable: {ops.cpp_unavailable_reason()}")
-
-
-__all__ = ["require_cpp", "ssgd_fused"]
+__all__ = ["ssgd_fused"]

@@ -1,5 +1,8 @@
-"""Shared test fixtures: small models and data (deterministic)."""
+"""Shared test helpers: small models and data (deterministic), the C++-kernel requirement."""
 
+import os
+
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,3 +43,14 @@ def closure_for(model, x, y):
 
 def clone_params(model):
     return [p.detach().clone() for p in model.parameters()]
+
+
+def require_cpp():
+    """Skips a C++-kernel test when the extension is missing, unless SSGD_FUSED_REQUIRE_CPP=1
+    (set by scripts/test.sh and CI), where a missing build is a failure."""
+    from ssgd_fused import ops
+
+    if not ops.cpp_available():
+        if os.environ.get("SSGD_FUSED_REQUIRE_CPP", "0") not in ("", "0"):
+            pytest.fail(f"C++ extension required but unavailable: {ops.cpp_unavailable_reason()}")
+        pytest.skip(f"C++ extension unavailable: {ops.cpp_unavailable_reason()}")

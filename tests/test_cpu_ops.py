@@ -5,7 +5,7 @@ import torch
 
 from ssgd_fused import ops
 from ssgd_fused import reference as ref
-from tests.conftest import require_cpp
+from tests.helpers import require_cpp
 from tests.tolerances import DTYPES, GAUSS_TOL, TOL, describe
 
 pytestmark = pytest.mark.cpp

@@ -5,8 +5,7 @@ import torch
 
 import ssgd_fused
 from ssgd_fused import SSGD
-from tests.conftest import require_cpp
-from tests.helpers import SmallCNN, closure_for, make_data
+from tests.helpers import SmallCNN, closure_for, make_data, require_cpp
 from tests.tolerances import DTYPES, assert_trajectory_close, describe
 
 pytestmark = pytest.mark.cpp

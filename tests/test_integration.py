@@ -214,7 +214,7 @@ class Tied(nn.Module):
 
 
 def test_tied_parameters_fused_matches_reference():
-    from tests.conftest import require_cpp
+    from tests.helpers import require_cpp
 
     require_cpp()
     torch.manual_seed(0)
@@ -288,7 +288,7 @@ def test_torch_compiled_model_trains_with_ssgd():
 def test_random_shapes_dtypes_alphas_against_reference(shape, dtype, alpha, dist, filter, seed):
     from ssgd_fused import ops
     from ssgd_fused import reference as ref
-    from tests.conftest import require_cpp
+    from tests.helpers import require_cpp
     from tests.tolerances import GAUSS_TOL, TOL
 
     require_cpp()
@@ -370,7 +370,7 @@ def test_ops_compile_fullgraph():
     """The fused ops trace into one graph (fake implementations, declared mutations): a compiled
     function that perturbs and measures equals the eager one."""
     from ssgd_fused import ops
-    from tests.conftest import require_cpp
+    from tests.helpers import require_cpp
 
     require_cpp()
     ps = [torch.randn(7, 5), torch.randn(13)]

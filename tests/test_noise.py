@@ -195,3 +195,60 @@ def test_matches_tl_philox_in_triton_interpreter():
     r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("OK"), r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# ---- the fused kernels' Box-Muller constants: one set of numbers in C++, Triton and Python --------
+def _header_constants():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "csrc" / "noise_consts.h").read_text()
+    text = re.sub(r"//[^\n]*", "", text)
+    out = {}
+    for name, expr in re.findall(r"\b([A-Z][A-Z0-9]*)\s*=\s*([^,;]+?f)\s*[,;]", text):
+        m = re.fullmatch(r"(?:(-?[\d.]+)f\s*\*\s*)?(-?0x[\da-f.]+p[+-]?\d+)f", expr.strip())
+        if m:
+            out[name] = (float(m.group(1)) if m.group(1) else 1.0) * float.fromhex(m.group(2))
+    return out
+
+
+def test_cpp_box_muller_constants_are_the_python_ones():
+    got = _header_constants()
+    want = {**noise.SINCOS_POLY, **noise.LOG_POLY}
+    assert set(want) <= set(got), f"missing in csrc/noise_consts.h: {set(want) - set(got)}"
+    for k, v in want.items():
+        assert got[k] == v, k
+
+
+def test_triton_box_muller_constants_are_the_python_ones():
+    pytest.importorskip("triton")
+    from ssgd_fused.kernels import _noise as tn
+
+    for k, v in noise.SINCOS_POLY.items():
+        assert getattr(tn, k).value == v, k
+
+
+def test_box_muller_polynomials_within_spec_tolerance_on_every_input():
+    """Every float32 t the kernels feed the polynomials (t = j 2^-22, |t| <= 1/2; f = z - 1 for
+    every float32 z in [sqrt(1/2), sqrt(2))), evaluated in float32 as the kernels do."""
+    import numpy as np
+
+    f32 = np.float32
+    t = (np.arange(-(1 << 21), (1 << 21) + 1, dtype=np.int64) * 2.0**-22).astype(f32)
+    P = {k: f32(v) for k, v in noise.SINCOS_POLY.items()}
+    t2 = t * t
+    s = (((P["S3"] * t2 + P["S2"]) * t2 + P["S1"]) * t2 + P["S0"]) * t
+    c = (((P["C4"] * t2 + P["C3"]) * t2 + P["C2"]) * t2 + P["C1"]) * t2 + f32(1)
+    td = t.astype(np.float64) * (np.pi / 2)
+    assert np.abs(s - np.sin(td)).max() <= 1e-6
+    assert np.abs(c - np.cos(td)).max() <= 1e-6
+    lo, hi = np.float32(np.sqrt(0.5)).view(np.int32), np.float32(np.sqrt(2.0)).view(np.int32)
+    z = np.arange(lo, hi, dtype=np.int32).view(f32)
+    f = z - f32(1)
+    L = {k: f32(v) for k, v in noise.LOG_POLY.items()}
+    q = L["LQ7"]
+    for k in ("LQ6", "LQ5", "LQ4", "LQ3", "LQ2", "LQ1", "LQ0"):
+        q = q * f + L[k]
+    m2ln = f * (f32(-2) + f * q)
+    exact = -2 * np.log(z.astype(np.float64))
+    assert np.abs(m2ln - exact).max() <= 2e-6 * 0.5  # half the spec's budget: r = sqrt adds its own

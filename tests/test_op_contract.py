@@ -1,0 +1,141 @@
+"""One op contract: the schemas (ssgd_fused.ops.SCHEMAS) name the arguments, in order, of the
+reference functions, the ops' Python wrappers and the Triton launchers; the CUDA registration
+(`fn(*args)` in the schema's order) runs end to end, in triton's interpreter on CPU tensors when
+there is no GPU, against the reference."""
+
+import inspect
+
+import pytest
+import torch
+
+from ssgd_fused import ops
+from ssgd_fused import reference as ref
+from tests.tolerances import GAUSS_TOL, TOL
+
+
+def schema_names(name):
+    return [a.name for a in getattr(torch.ops.ssgd_fused, name).default._schema.arguments]
+
+
+def param_names(fn):
+    return list(inspect.signature(fn).parameters)
+
+
+@pytest.mark.parametrize("name", sorted(ops.SCHEMAS))
+def test_signatures_follow_the_schema(name):
+    want = schema_names(name)
+    assert param_names(getattr(ops, name)) == want, "ssgd_fused.ops wrapper"
+    if name != "noise":  # the reference's noise is ssgd_fused.noise.generate / reference.noise_like
+        assert param_names(getattr(ref, name)) == want, "ssgd_fused.reference"
+    if name in ops.KERNEL_MODULES:
+        pytest.importorskip("triton")
+        assert param_names(ops.triton_launcher(name)) == want, "Triton launcher"
+
+
+def test_every_op_but_noise_has_a_cuda_implementation():
+    assert set(ops.KERNEL_MODULES) == set(ops.SCHEMAS) - {"noise"}
+
+
+# ---- the CUDA registration path, end to end -----------------------------------------------------
+SEED, STEP, TIDS = 0x0123456789ABCDEF, 7, [4, 0, 9]
+SHAPES = [(3,), (129, 7), (5, 3, 3)]
+
+
+def _cuda_call(name, *args):
+    """The dispatcher's CUDA implementation: on CUDA tensors when there is a GPU; without one, the
+    same registered function called on CPU tensors (conftest runs triton's interpreter)."""
+    op = getattr(torch.ops.ssgd_fused, name).default
+    if torch.cuda.is_available():
+        return op(*args)
+    return op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
+
+
+def _inputs(dtype, dist):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(s, generator=g).to(dtype).to(device) for s in SHAPES]
+    grads = [torch.randn(s, generator=g).to(dtype).to(device) for s in SHAPES]
+    w2, u2 = ref.norms([p.cpu() for p in params], SEED, STEP, TIDS, 0, dist, False)
+    scales = [s.to(device) for s in ref.scales_from_norms(w2, u2, [0.6] * len(params))]
+    return params, grads, scales
+
+
+def _close(got, want, dtype, dist):
+    t = dict(TOL[dtype])
+    if dist == "gaussian":
+        t["atol"] += 6 * GAUSS_TOL
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b.cpu(), **t)
+
+
+def _clones(ts):
+    return [t.clone() for t in ts]
+
+
+DTYPE = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+DIST = pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+
+
+@pytest.fixture(autouse=True)
+def _need_triton():
+    pytest.importorskip("triton")
+
+
+@DIST
+def test_cuda_registration_norms(dist):
+    params, _, _ = _inputs(torch.float32, dist)
+    got = _cuda_call("norms", params, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False)
+    want = ref.norms([p.cpu() for p in params], SEED, STEP, TIDS, 0, dist, False)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0)
+
+
+@DTYPE
+@DIST
+def test_cuda_registration_perturb_and_restore(dtype, dist):
+    params, grads, scales = _inputs(dtype, dist)
+    got, want = _clones(params), _clones(params)
+    _cuda_call("perturb_", got, scales, -2.0, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None)
+    ref.perturb_(want, scales, -2.0, SEED, STEP, TIDS, 0, dist, False, None)
+    _close(got, want, dtype, dist)
+    gg, gw = _clones(grads), _clones(grads)
+    _cuda_call("restore_", got, gg, scales, 1.0, 0.5, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None)
+    ref.restore_(want, gw, scales, 1.0, 0.5, SEED, STEP, TIDS, 0, dist, False, None)
+    _close(got + gg, want + gw, dtype, dist)
+
+
+@DTYPE
+@DIST
+def test_cuda_registration_restore_update_sgd(dtype, dist):
+    params, grads, scales = _inputs(dtype, dist)
+    bufs = [torch.randn_like(p) for p in params]
+    outs = []
+    for fn in (lambda *a: _cuda_call("restore_update_sgd_", *a), ref.restore_update_sgd_):
+        p, g, b = _clones(params), _clones(grads), _clones(bufs)
+        nw = [torch.full((1,), float("nan"), dtype=torch.float64, device=p[0].device) for _ in p]
+        nu = [torch.full((1,), float("nan"), dtype=torch.float64, device=p[0].device) for _ in p]
+        seed = ops.seed_to_i64(SEED) if fn is not ref.restore_update_sgd_ else SEED
+        fn(p, g, b, scales, -1.0, 0.5, seed, STEP, TIDS, 0, dist, False, None, 0.1, 0.9, 0.0, 1e-2, True, False,
+           [False, True, False], nw, nu, STEP + 1)
+        outs.append((p, g, b, nw, nu))
+    (p1, g1, b1, nw1, nu1), (p2, g2, b2, nw2, nu2) = outs
+    _close(p1 + g1 + b1, p2 + g2 + b2, dtype, dist)
+    for a, b in zip(nw1 + nu1, nw2 + nu2):
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=0)
+
+
+@DIST
+def test_cuda_registration_restore_update_adam(dist):
+    dtype = torch.float32
+    params, grads, scales = _inputs(dtype, dist)
+    state = [[torch.randn_like(p) for p in params], [torch.rand_like(p) for p in params],
+             [torch.rand_like(p) + 1 for p in params]]
+    outs = []
+    for fn in (lambda *a: _cuda_call("restore_update_adam_", *a), ref.restore_update_adam_):
+        p, g = _clones(params), _clones(grads)
+        m, v, vmax = (_clones(s) for s in state)
+        seed = ops.seed_to_i64(SEED) if fn is not ref.restore_update_adam_ else SEED
+        fn(p, g, m, v, vmax, scales, -1.0, 0.5, seed, STEP, TIDS, 0, dist, False, None, [3.0, 3.0, 3.0], 1e-3, 0.9,
+           0.999, 1e-8, 1e-2, True, True, False, [], [], 0)
+        outs.append(p + g + m + v + vmax)
+    _close(outs[0], outs[1], dtype, dist)
