@@ -12,6 +12,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # Never let pip resolve torch itself from here on: everything below is torch-free or pinned.
 "$PY" -m pip install -q numpy scikit-learn pytest hypothesis pytest-benchmark tqdm matplotlib ruff
+# evidence study: mnist1d generates its data offline; the flatness tests cross-check hessian-eigenthings (torch pinned)
+"$PY" -m pip install -q mnist1d hessian-eigenthings==1.0.0a5 -c <("$PY" -c "import torch; print('torch==' + torch.__version__)")
 if [ "${SSGD_FUSED_NO_TRITON:-0}" = "0" ] && ! "$PY" -c "import triton" 2>/dev/null; then
   echo "== installing triton==3.9.0 (interpreter tests)"
   "$PY" -m pip install -q triton==3.9.0

@@ -140,7 +140,8 @@ def _accuracy(model, x, y) -> float:
 
 def train_run(*, dataset: str = "mnist1d", method: str = "sgd", alpha: float = 0.0, distribution: str = "gaussian",
               batch: int = 64, epochs: int = 30, lr: float = 0.05, momentum: float = 0.9,
-              weight_decay: float = 5e-4, seed: int = 0, sgd_epochs: int = 0, data=None, cache_dir=None,
+              weight_decay: float = 5e-4, seed: int = 0, sgd_epochs: int = 0, warmup_epochs: int = 0, data=None,
+              cache_dir=None,
               hessian_samples: int = 1000, hessian_iters: int = 20, keep_state: bool = False) -> dict:
     """Train one model and measure it.
 
@@ -148,7 +149,8 @@ def train_run(*, dataset: str = "mnist1d", method: str = "sgd", alpha: float = 0
     noise, one pass at w + n) or "smoothout" (one pass, uniform noise); the last three are
     ``ssgd_fused.SSGD`` with that ``mode``, alpha ``alpha``, seed ``seed``. ``sgd_epochs``:
     epochs of plain SGD before the noise starts (the optimizer's ``start_step``). SGD with
-    momentum and weight decay, cosine learning rate over ``epochs``; the initial weights
+    momentum and weight decay, cosine learning rate over ``epochs`` (after a linear warm-up over
+    ``warmup_epochs``, 0 by default); the initial weights
     (``torch.manual_seed(seed)``) and the batch order depend on ``seed`` only, so runs of
     different methods with one seed start from the same point and see the same batches.
 
@@ -172,7 +174,12 @@ def train_run(*, dataset: str = "mnist1d", method: str = "sgd", alpha: float = 0
                               weight_decay=weight_decay, noise=alpha, distribution=dist, mode=mode, seed=seed,
                               start_step=sgd_epochs * steps_per_epoch)
         passes_per_step = 2 if mode == "symmetric" else 1
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    def lr_factor(e):  # linear warm-up over warmup_epochs, then cosine to 0 at `epochs`
+        if e < warmup_epochs:
+            return (e + 1) / (warmup_epochs + 1)
+        return 0.5 * (1 + math.cos(math.pi * e / epochs))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     g = torch.Generator().manual_seed(seed + 1)
     passes = 0
     t0 = time.perf_counter()
@@ -202,10 +209,12 @@ def train_run(*, dataset: str = "mnist1d", method: str = "sgd", alpha: float = 0
     train_loss, train_err = flatness.loss_and_error(model, F.cross_entropy, train_batches)
     out = {"test_acc": _accuracy(model, xte, yte), "train_acc": 1.0 - train_err, "train_loss": train_loss,
            "passes": passes, "steps": epochs * steps_per_epoch, "wall_s": wall}
-    if hessian_iters:
+    if hessian_iters and math.isfinite(train_loss):
         sub = [(xtr[:hessian_samples], ytr[:hessian_samples])]
         out["hessian_top"] = flatness.hessian_top_eigenvalue(model, F.cross_entropy, sub, iters=hessian_iters,
                                                              tol=1e-3, seed=0)
+    elif hessian_iters:
+        out["hessian_top"] = math.nan  # diverged
     if keep_state:
         out["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return out
