@@ -16,6 +16,7 @@ import os
 import torch
 
 from bench import run as R
+from bench import timing
 from bench.shapes import SETS
 from bench.variants import VARIANTS
 
@@ -34,7 +35,9 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     ap.add_argument("--full", action="store_true",
                     help="every set, dtype, distribution and variant except reference and compiled")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5,
+                    help="at least this many timed rounds per cycle or pass, after a warm-up until steady "
+                         "(more rounds, up to 200, when they are fast: about 1 s of them)")
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (one process each)")
     ap.add_argument("--no-passes", action="store_true", help="time whole cycles only")
     ap.add_argument("--threads", type=int, default=None)
@@ -59,10 +62,17 @@ def main(argv=None):
     except ImportError:
         bar, progress = None, lambda s: print("..", s, flush=True)  # noqa: E731
     info = R.machine_info()
+    probe = {"before": timing.stall_probe_us()}
     rows, bw = R.run(cfg["sets"], cfg["dtypes"], cfg["dists"], cfg["variants"], reps=args.reps,
                      per_pass=not args.no_passes, memory=args.memory, progress=progress)
     if bar is not None:
         bar.close()
+    probe["after"] = timing.stall_probe_us()
+    info["stall_probe_us"] = probe  # one small parallel region; thousands of us = stalled threads
+    for when, us in probe.items():
+        note = timing.stall_note(us, info["threads"])
+        if note:
+            info[f"stall_note_{when}"] = f"{note} ({when} the run)"
     md = R.markdown(rows, bw, info)
     print(md)
     e2e_rows = []

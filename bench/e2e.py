@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ssgd_fused
-from bench.run import _summary
+from bench.timing import rounds_for, summary, warm_up
 from ssgd_fused.demo import DigitsCNN
 
 
@@ -65,22 +65,21 @@ def _stepper(kind, cls, x, y):
 
 
 def run_e2e(reps: int = 10, kinds=("sgd", "ssgd_fused", "ssgd_reference")):
-    """Training-step times, the optimizers of one model timed round-robin (one step each per round)."""
+    """Training-step times, the optimizers of one model timed round-robin (one step each per round),
+    after each has warmed up until steady (bench/timing.py); at least `reps` rounds."""
     rows = []
     for name, cls, x, y in _models():
         steppers = {k: _stepper(k, cls, x, y) for k in kinds}
         times = {k: [] for k in kinds}
-        for _ in range(2):
-            for _, step in steppers.values():
-                step()
-        for _ in range(reps):
+        warm = [warm_up(step) for _, step in steppers.values()]
+        for _ in range(max(reps, rounds_for(sum(w.median_s for w in warm)))):
             for k, (_, step) in steppers.items():
                 t0 = time.perf_counter()
                 step()
                 times[k].append(time.perf_counter() - t0)
-        base = _summary(times["sgd"])["median_ms"] if "sgd" in times else None
+        base = summary(times["sgd"])["median_ms"] if "sgd" in times else None
         for k, (model, _) in steppers.items():
-            t = _summary(times[k])
+            t = summary(times[k])
             n = sum(p.numel() for p in model.parameters())
             rows.append({"model": name, "params": n, "optimizer": k, **t,
                          "x_sgd": t["median_ms"] / base if base else float("nan")})

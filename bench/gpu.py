@@ -6,7 +6,7 @@
   copy, per distribution and dtype;
 - the full S-SGD cycle (no forward/backward) of the fused kernels against eager PyTorch S-SGD and
   torch.compile of it.
-Times with CUDA events, medians over repetitions, round-robin across variants.
+Times with CUDA events, medians over repetitions after a warm-up until steady (bench/timing.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ import statistics
 import torch
 
 from bench import shapes
+from bench.timing import warm_up
 from bench.variants import Compiled, Eager, Fused
 
 
-def _cuda_time(f, reps=20, warmup=3):
-    for _ in range(warmup):
+def _cuda_time(f, reps=20):
+    def synced():
         f()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+
+    warm_up(synced)  # until steady (bench/timing.py): first launches compile or load the kernels
     ts = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

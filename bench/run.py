@@ -8,29 +8,22 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
-from bench import shapes
+from bench import shapes, timing
 from bench.variants import BYTES_PER_ELEM, VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# ---- timing -------------------------------------------------------------------------------------
-def time_fn(f, reps: int = 5, warmup: int = 1):
-    for _ in range(warmup):
-        f()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return _summary(ts)
+# ---- timing (the warm-up rule and round count live in bench/timing.py, shared with pytest) -------
+def time_fn(f, reps: int = 5):
+    """Warm f up until steady, then the median and p20/p80 of at least `reps` timed calls."""
+    return timing.time_fn(f, reps)
 
 
 def add_bandwidth(n: int = 1 << 25, reps: int = 5) -> float:
@@ -121,17 +114,35 @@ def machine_info() -> dict:
 
 
 # ---- a run --------------------------------------------------------------------------------------
-def _summary(ts):
-    ts = sorted(ts)
-    q = lambda x: ts[min(len(ts) - 1, int(x * len(ts)))]  # noqa: E731
-    return {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * q(0.2), "p80_ms": 1e3 * q(0.8)}
+_summary = timing.summary  # the name e2e.py and older callers import
+
+
+def time_cycles(built: dict, reps: int = 5, target_s: float = timing.TARGET_SECONDS) -> dict:
+    """name -> cycle timing summary of built variants (of one parameter set), timed round-robin.
+
+    Each variant is first warmed up until steady (bench/timing.py: the rule pytest-benchmark uses
+    too; it also covers torch.compile's compilation). Then the variants are timed round-robin, one
+    cycle each per round, so that a slow spell of a shared machine hits all of them alike and
+    their ratios hold; at least `reps` rounds, more when a round is fast (about target_s seconds
+    of them). The reference path is timed in the first third of the rounds only (it is slow)."""
+    warm = {name: timing.warm_up(v.cycle) for name, v in built.items()}
+    rounds = max(reps, timing.rounds_for(sum(w.median_s for w in warm.values()), target_s=target_s))
+    times = {name: [] for name in built}
+    for r in range(rounds):
+        for name, v in built.items():
+            if name == "reference" and r >= max(1, rounds // 3):
+                continue
+            t0 = time.perf_counter()
+            v.cycle()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {**timing.summary(ts), "rounds": len(ts), "warmup_calls": warm[name].calls,
+                   "steady": warm[name].steady} for name, ts in times.items()}
 
 
 def run(sets, dtypes, dists, variants, reps=5, per_pass=True, memory=False, progress=None):
     """Times every (set, dtype, distribution, variant); returns the rows and the bandwidth.
 
-    The variants of one (set, dtype, distribution) are timed round-robin, one cycle each per round,
-    so that a slow spell of a shared machine hits all of them alike and their ratios hold."""
+    Cycles are timed by time_cycles (warm-up until steady, then round-robin); passes by time_fn."""
     bw = add_bandwidth()
     rows = []
     for set_name in sets:
@@ -143,19 +154,11 @@ def run(sets, dtypes, dists, variants, reps=5, per_pass=True, memory=False, prog
                     if progress:
                         progress(f"{set_name} {dtype} {dist} {vname}")
                     built[vname] = VARIANTS[vname](shapes.make(set_name, dt), dist)
-                    built[vname].cycle()  # warm-up (and torch.compile's compilation)
                 n = sum(p.numel() for p in next(iter(built.values())).params)
-                times = {v: [] for v in built}
-                for r in range(reps):
-                    for vname, v in built.items():
-                        if vname == "reference" and r >= max(1, reps // 3):
-                            continue
-                        t0 = time.perf_counter()
-                        v.cycle()
-                        times[vname].append(time.perf_counter() - t0)
+                timed = time_cycles(built, reps)
                 for vname, v in built.items():
                     moved = BYTES_PER_ELEM[vname] * n * (dt.itemsize / 4)
-                    t = _summary(times[vname])
+                    t = timed[vname]
                     rows.append({"set": set_name, "params": n, "dtype": dtype, "dist": dist, "variant": vname,
                                  "pass": "cycle", **t, "gbps": moved / (t["median_ms"] / 1e3) / 1e9,
                                  "floor_ms": 1e3 * moved / (bw * 1e9)})
@@ -166,7 +169,7 @@ def run(sets, dtypes, dists, variants, reps=5, per_pass=True, memory=False, prog
                                          "variant": vname, "pass": pname, **time_fn(f, reps=reps)})
                 del built
                 gc.collect()
-    # derived: speed-up over eager S-SGD and ratio to the fused cycle's memory floor
+    # derived: speed-up over eager S-SGD, cost in plain SGD steps, ratio to the memory floor
     cycles = {(r["set"], r["dtype"], r["dist"], r["variant"]): r for r in rows if r["pass"] == "cycle"}
     for r in rows:
         if r["pass"] != "cycle":
@@ -174,17 +177,27 @@ def run(sets, dtypes, dists, variants, reps=5, per_pass=True, memory=False, prog
         eager = cycles.get((r["set"], r["dtype"], r["dist"], "eager"))
         if eager:
             r["speedup_vs_eager"] = eager["median_ms"] / r["median_ms"]
+        sgd = cycles.get((r["set"], r["dtype"], r["dist"], "sgd"))
+        if sgd:  # what the S-SGD cycle costs beyond the two passes, in SGD optimizer steps
+            r["x_sgd"] = r["median_ms"] / sgd["median_ms"]
         r["x_floor"] = r["median_ms"] / r["floor_ms"]
         if memory:
             r["memory"] = measure_memory(r["variant"], r["set"], r["dtype"], r["dist"])
     return rows, bw
 
 
+def _ms(x: float) -> str:
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
 def markdown(rows, bw, info) -> str:
     lines = [f"{info['date']} | {info['cpu']} | {info['threads']} threads | torch {info['torch']} | "
              f"ISA {info['cpu_isa']} | commit {info['commit']} | add_ bandwidth {bw:.1f} GB/s", ""]
-    lines += ["| set | dtype | noise | variant | cycle ms (p20-p80) | vs eager | x floor | GB/s | extra memory |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    for key in ("stall_note_before", "stall_note_after"):
+        if info.get(key):
+            lines += [info[key], ""]
+    lines += ["| set | dtype | noise | variant | cycle ms (p20-p80) | vs eager | x SGD | x floor | GB/s | "
+              "extra memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["pass"] != "cycle":
             continue
@@ -192,9 +205,10 @@ def markdown(rows, bw, info) -> str:
         mem_s = f"{mem['extra_bytes'] / 2**20:.1f} MiB ({100 * mem['extra_frac']:.1f}%)" if "extra_bytes" in mem else (
             mem.get("error", "-"))
         vs = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"
+        xs = f"{r['x_sgd']:.2f}x" if "x_sgd" in r else "-"
+        ms = f"{_ms(r['median_ms'])} ({_ms(r['p20_ms'])}-{_ms(r['p80_ms'])})"
         lines.append(f"| {r['set']} ({r['params'] / 1e6:.2f} M) | {r['dtype']} | {r['dist']} | {r['variant']} | "
-                     f"{r['median_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f}) | {vs} | {r['x_floor']:.2f} | "
-                     f"{r['gbps']:.1f} | {mem_s} |")
+                     f"{ms} | {vs} | {xs} | {r['x_floor']:.2f} | {r['gbps']:.1f} | {mem_s} |")
     passes = [r for r in rows if r["pass"] != "cycle"]
     if passes:
         lines += ["", "| set | dtype | noise | variant | pass | ms (p20-p80) |", "|---|---|---|---|---|---|"]

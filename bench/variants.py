@@ -25,8 +25,13 @@ ALPHA = 0.5
 LR = 1e-3
 MOMENTUM = 0.9
 
-# bytes each variant must move per parameter element per cycle, for a 4-byte dtype (see DESIGN.md
-# section 6); 16-bit parameters move half for weights, gradients and buffers.
+# The byte model of the memory floor. Bytes each variant must move between memory and the cores per
+# parameter element per cycle, for a 4-byte dtype, if each pass streams its operands once: reads
+# and writes count separately (a read-modify-write of w is 8), and the fused variants' noise is
+# regenerated in registers, so it moves nothing. run.py turns bytes x elements into the floor
+# time with the measured x.add_(y) bandwidth (floor_ms, and x floor = time / floor); 16-bit
+# parameters move half for weights, gradients and buffers (run.py scales by itemsize / 4).
+# Passes: N noise and norms, P perturb (+n), F flip (to -n), U restore + SGD-momentum update.
 BYTES_PER_ELEM = {
     # P: r/w w | F: r/w w | U: read w g m, write w g m (the next step's norms are taken there too,
     # from the weights in cache, so there is no separate norm pass)
