@@ -9,9 +9,10 @@ calls before them. Warm-up stops there, or after MAX_CALLS calls or MAX_SECONDS 
 least MIN_CALLS calls, so the first call, which pays one-time costs, is never the last);
 `Warmup.steady` says which.
 
-What the first calls pay (resnet20 float32, 65 tensors, measured at 1 and 2 threads while the
-machine was quiet): about 2 ms, once. The first call takes SGD 2.3-2.9 ms (then 0.4-0.6), fused
-2.9-4.6 (then 1.6-2.2), eager 3.4-5.7 (then 2.5-3.8), the second is already steady. It pays for
+What the first calls pay (resnet20 float32, 65 tensors, at 1 and 2 threads, in the least busy
+minutes of a shared machine): about 2 ms, once. The first call takes SGD 2.3-2.9 ms (then
+0.4-0.6), fused 2.9-4.6 (then 1.6-2.2), eager 3.4-5.7 (then 2.5-3.8); the second is already
+steady. It pays for
 - torch.optim's first step(): its record_function wrapper imports a profiler module lazily
   (torch.profiler._cupti_monitor) on first entry;
 - the fused variant's first cycle: it measures the norms in a separate pass (later cycles take
@@ -21,9 +22,10 @@ machine was quiet): about 2 ms, once. The first call takes SGD 2.3-2.9 ms (then 
 The 100x slower "first steps" (SGD 120 ms, eager 360 ms, fused 32 ms, in multiples of 4 ms) are
 something else, and no warm-up removes them: on a machine where other processes keep cores busy,
 torch's two OpenMP threads can end up on one core (seen in /proc/<pid>/task/*/stat), and
-libgomp's default wait policy has the waiting thread spin (up to 300,000 iterations, longer than
-a tick) while the thread it waits for cannot run on that core until the scheduler tick (HZ=250:
-4 ms) preempts the spinner: about two ticks per parallel region, whatever its size. The state
+libgomp's default wait policy has the waiting thread spin (300,000 iterations before it sleeps,
+evidently longer than a tick here) while the thread it waits for cannot run on that core until
+the scheduler tick (HZ=250: 4 ms) preempts the spinner: about two ticks per parallel region,
+whatever its size. The state
 lasts from a few steps to the whole process and comes back with the load. OMP_WAIT_POLICY=PASSIVE
 (set before torch is imported) or `--threads 1` avoids it; `stall_probe_us()` detects it
 (docs/PERFORMANCE.md, 2026-12-01).
