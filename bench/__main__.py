@@ -69,10 +69,10 @@ def main(argv=None):
         bar.close()
     probe["after"] = timing.stall_probe_us()
     info["stall_probe_us"] = probe  # one small parallel region; thousands of us = stalled threads
-    for when, us in probe.items():
-        note = timing.stall_note(us, info["threads"])
-        if note:
-            info[f"stall_note_{when}"] = f"{note} ({when} the run)"
+    stalled = [when for when, us in probe.items() if timing.stall_note(us, info["threads"])]
+    if stalled:
+        worst = max(probe[when] for when in stalled)
+        info["stall_note"] = f"{timing.stall_note(worst, info['threads'])} ({' and '.join(stalled)} the run)"
     md = R.markdown(rows, bw, info)
     print(md)
     e2e_rows = []

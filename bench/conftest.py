@@ -23,7 +23,8 @@ def pytest_terminal_summary(terminalreporter, config):
     if timed is not None and not timed:
         return  # nothing was timed in this process
     _probe["after"] = timing.stall_probe_us()
-    for when, us in _probe.items():
-        note = timing.stall_note(us, torch.get_num_threads())
-        if note:
-            terminalreporter.write_line(f"{note} ({when} the run)", yellow=True)
+    threads = torch.get_num_threads()
+    stalled = [when for when, us in _probe.items() if timing.stall_note(us, threads)]
+    if stalled:
+        note = timing.stall_note(max(_probe[when] for when in stalled), threads)
+        terminalreporter.write_line(f"{note} ({' and '.join(stalled)} the run)", yellow=True)

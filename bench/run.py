@@ -193,9 +193,8 @@ def _ms(x: float) -> str:
 def markdown(rows, bw, info) -> str:
     lines = [f"{info['date']} | {info['cpu']} | {info['threads']} threads | torch {info['torch']} | "
              f"ISA {info['cpu_isa']} | commit {info['commit']} | add_ bandwidth {bw:.1f} GB/s", ""]
-    for key in ("stall_note_before", "stall_note_after"):
-        if info.get(key):
-            lines += [info[key], ""]
+    if info.get("stall_note"):  # set by the CLI from bench.timing.stall_probe_us before and after the run
+        lines += [info["stall_note"], ""]
     lines += ["| set | dtype | noise | variant | cycle ms (p20-p80) | vs eager | x SGD | x floor | GB/s | "
               "extra memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
