@@ -13,8 +13,20 @@ offset in units of s*u: a move from offset a to b adds (b - a) * s * u in place 
 rebuilds the tensor from a clean copy as src + b * s * u ("exact"). `ensure_clean` puts the clean
 weights back from wherever a cycle was left (exception, abandoned loop, state_dict in between).
 
-The update pass also measures the next step's norms (the updated weights are in registers); they
-are kept, keyed by the tensors' version counters, so that the next step needs no norm pass.
+Norms: ||u||^2 is a pure function of the stream, so the update pass measures the next step's
+||u||^2 and the next step reuses it; ||w||^2 is measured afresh every step (one read of the weights)
+because weights edited through ``.data`` or by other code leave no trace in the version counters.
+
+Asynchronous exceptions: every move of the weights and the bookkeeping that records it run inside
+`critical()` (ssgd_fused.critical), so a Ctrl-C lands before or after a move, never between a move
+and its record; `ensure_clean` then always knows where the weights are.
+
+Gradients between the passes: the second pass must add into the first's .grad. `GradGuard` holds
+the first pass's gradient tensors while later passes run; where a pass sets .grad to None or
+replaces it (``model.zero_grad()``, ``set_to_none``), the new gradient is added into the held one
+afterwards; an in-place zeroing of the held tensor (``zero_grad(set_to_none=False)``), which
+destroys the first pass's gradient, is an error. ``SSGD.zero_grad()`` itself is deferred during
+the later passes (frameworks such as Lightning call it inside the closure).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from collections.abc import Iterator
 import torch
 
 from . import reference as _reference
+from .critical import critical
 from .options import Options
 from .updates import fused_update_for
 
@@ -72,7 +85,8 @@ class NoiseCycle:
         self.step = 0  # completed steps (noise cycles); the spec's `step` counter
         self.last_step_skipped = False
         self._plan: _Plan | None = None
-        self._norms: dict = {}  # {"key": (seed, step, ...), "entries": {p: (w_sq, u_sq, p._version)}}
+        self._noise_norms: dict = {}  # {"key": (seed, step, ...), "entries": {p: (tensor id, numel, u_sq)}}
+        self.pass_index: int | None = None  # the pass running now (None outside the passes)
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
 
     # ---- bookkeeping ---------------------------------------------------------------------------
@@ -87,12 +101,16 @@ class NoiseCycle:
         return len(self.options.passes(self.step))
 
     def forget_norms(self):
-        self._norms = {}
+        self._noise_norms = {}
+
+    def in_later_pass(self) -> bool:
+        """True while a pass after the first runs (its gradients must add to the first's)."""
+        return self.pass_index is not None and self.pass_index > 0
 
     def _stream(self, plan: _Plan, **extra):
         o = self.options
-        return dict(seed=self.seed, step=plan.step, sample=plan.sample, distribution=o.distribution,
-                    filter=o.scope == "filter", **extra)
+        return {"seed": self.seed, "step": plan.step, "sample": plan.sample, "distribution": o.distribution,
+                "filter": o.scope == "filter", **extra}
 
     def _norm_key(self, step):
         return (self.seed, step, self.options.distribution, self.options.scope)
@@ -128,20 +146,29 @@ class NoiseCycle:
         return plan
 
     def _measure(self, plan: _Plan):
-        """(||w||^2, ||u||^2) per perturbed tensor: from the previous update pass where the weights
-        have not changed since (same version counter), from a norm pass for the rest."""
-        fresh = self._norms.get("key") == self._norm_key(plan.step)
-        cached = self._norms.get("entries", {}) if fresh else {}
-        self._norms = {}
-        hit = [cached.get(p) for p in plan.params]
-        hit = [h if h is not None and h[2] == p._version else None for h, p in zip(hit, plan.params)]
-        w_sq, u_sq = [h and h[0] for h in hit], [h and h[1] for h in hit]
-        miss = [i for i, h in enumerate(hit) if h is None]
-        if miss:
-            w, u = self.ops.norms([plan.params[i] for i in miss], tensor_ids=[plan.tids[i] for i in miss],
-                                  **self._stream(plan))
-            for i, a, b in zip(miss, w, u):
-                w_sq[i], u_sq[i] = a, b
+        """(||w||^2, ||u||^2) per perturbed tensor. ||w||^2 afresh; ||u||^2 from the previous
+        update pass where it measured this step's noise (same stream, tensor id and size), else
+        both from a norm pass."""
+        fresh = self._noise_norms.get("key") == self._norm_key(plan.step)
+        cached = self._noise_norms.get("entries", {}) if fresh and plan.sample == 0 else {}
+        self._noise_norms = {}
+        hits = [cached.get(p) for p in plan.params]
+        u_sq = [h[2] if h is not None and h[:2] == (tid, p.numel()) else None
+                for h, p, tid in zip(hits, plan.params, plan.tids)]
+        miss = [i for i, u in enumerate(u_sq) if u is None]
+        hit = [i for i, u in enumerate(u_sq) if u is not None]
+        w_sq = [None] * len(plan.params)
+        for idx, dist in ((miss, self.options.distribution), (hit, "rademacher")):
+            if not idx:
+                continue
+            # rademacher's ||u||^2 is the element count, known without generating: the norm op then
+            # only reads the weights (same accumulation order, so the same ||w||^2)
+            w, u = self.ops.norms([plan.params[i] for i in idx], tensor_ids=[plan.tids[i] for i in idx],
+                                  **self._stream(plan, distribution=dist))
+            for k, i in enumerate(idx):
+                w_sq[i] = w[k]
+                if u_sq[i] is None:
+                    u_sq[i] = u[k]
         return w_sq, u_sq
 
     def passes(self) -> Iterator[int]:
@@ -150,25 +177,35 @@ class NoiseCycle:
         weights stay at the last displacement until `finish`."""
         plan = self._begin()
         self._plan = plan
-        first_grads = []
+        guard = None
         done = False
         try:
             for k, (pair, target) in enumerate(self.options.passes(plan.step)):
-                if pair != plan.sample and plan.params:
-                    self._switch_pair(plan, pair)
-                self._move(plan, target)
-                frozen = self._freeze_bn(k)
+                with critical():
+                    if pair != plan.sample and plan.params:
+                        self._switch_pair(plan, pair)
+                    self._move(plan, target)
+                    frozen = self._freeze_bn(k)
+                if k == 1:
+                    guard = GradGuard(self.params())
+                if guard is not None:
+                    guard.watch()
+                self.pass_index = k
                 try:
                     yield k
                 finally:
-                    for m in frozen:
-                        m.track_running_stats = True
+                    self.pass_index = None
+                    with critical():
+                        for m in frozen:
+                            m.track_running_stats = True
+                    if guard is not None:
+                        guard.unwatch()
                 if self._plan is not plan:
                     raise RuntimeError("the clean weights were restored in the middle of the S-SGD passes "
                                        "(state_dict(), load_state_dict() or a new step was called inside them)")
-                if k == 0:
-                    first_grads = [(p, p.grad) for p in self.params() if p.grad is not None]
-            self._check_grads(first_grads)
+                if guard is not None:
+                    guard.fold()
+            self._check_sparse()
             done = True
         finally:
             if not done and self._plan is plan:
@@ -176,38 +213,41 @@ class NoiseCycle:
 
     def finish(self, update: bool):
         """Restores the clean weights and scales the gradients to their mean (fused with the base
-        update where a kernel exists), applies the update if asked, and ends the cycle."""
-        plan = self._plan
-        gs = 1.0 / self.num_passes()
-        self.last_step_skipped = False
-        try:
-            gs = self._finite_and_clipped(gs)
-            if gs is None:  # non-finite gradients, nonfinite="skip": clean weights, no update
-                self.last_step_skipped = True
-                self._move(plan, 0.0)
-                return
-            fused_update = fused_update_for(self.base) if update and self.fused else None
-            if fused_update is not None:
-                self._restore_update(plan, gs, fused_update)
-                return
-            perturbed = set(plan.params)
-            others = [p.grad for p in self.params() if p not in perturbed and p.grad is not None]
-            self._move(plan, 0.0, grads=[p.grad for p in plan.params], grad_scale=gs)
-            if gs != 1.0 and others:
-                torch._foreach_mul_(others, gs)
-            if update:
-                self.base.step()
-        finally:
-            self.ensure_clean()
-            self.step += 1
+        update where a kernel exists), applies the update if asked, and ends the cycle; the
+        weights, the optimizer state and the step counter change together (one critical section)."""
+        with critical():
+            plan = self._plan
+            gs = 1.0 / self.num_passes()
+            self.last_step_skipped = False
+            try:
+                gs = self._finite_and_clipped(gs)
+                if gs is None:  # non-finite gradients, nonfinite="skip": clean weights, no update
+                    self.last_step_skipped = True
+                    self._move(plan, 0.0)
+                    return
+                fused_update = fused_update_for(self.base) if update and self.fused else None
+                if fused_update is not None:
+                    self._restore_update(plan, gs, fused_update)
+                    return
+                perturbed = set(plan.params)
+                others = [p.grad for p in self.params() if p not in perturbed and p.grad is not None]
+                self._move(plan, 0.0, grads=[p.grad for p in plan.params], grad_scale=gs)
+                if gs != 1.0 and others:
+                    torch._foreach_mul_(others, gs)
+                if update:
+                    self.base.step()
+            finally:
+                self.ensure_clean()
+                self.step += 1
 
     def ensure_clean(self):
         """Puts back clean weights if a cycle was left half-way (exception, abandoned loop)."""
-        plan = self._plan
-        if plan is not None:
-            self._plan = None
-            if plan.offset != 0:
-                self._move(plan, 0.0)
+        with critical():
+            plan = self._plan
+            if plan is not None:
+                if plan.offset != 0:
+                    self._move(plan, 0.0)
+                self._plan = None
 
     # ---- moves -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -232,7 +272,7 @@ class NoiseCycle:
 
     def _restore_update(self, plan: _Plan, grad_scale: float, fused_update):
         """Restore + base update in one pass per param group and kind, which also measures the
-        next step's norms of the updated weights (pair 0's noise)."""
+        next step's ||u||^2 (pair 0's noise; its ||w||^2 too, unused: see `_measure`)."""
         info = plan.info()
         tids = self.tensor_ids()
         empty = torch.empty(0, dtype=torch.float64)
@@ -251,14 +291,14 @@ class NoiseCycle:
                 fused_update(self.ops, self.base, group, ps, [p.grad for p in ps],
                              [info[p][0] if p in info else empty for p in ps], 0.0 if exact else -plan.offset,
                              grad_scale, **stream)
-                next_norms.update({p: (w, u, p._version) for p, w, u, r in zip(ps, nw, nu, rows) if r})
+                next_norms.update({p: (tids[p], p.numel(), u) for p, u, r in zip(ps, nu, rows) if r})
         for p in plan.params:  # perturbed parameters that received no gradient: restore only
             if p.grad is None:
                 s, src = info[p]
                 self.ops.perturb_([p], [s], 0.0 if src is not None else -plan.offset,
                                   **self._stream(plan, tensor_ids=[tids[p]], sources=None if src is None else [src]))
         plan.offset = 0.0
-        self._norms = {"key": self._norm_key(plan.step + 1), "entries": next_norms}
+        self._noise_norms = {"key": self._norm_key(plan.step + 1), "entries": next_norms}
 
     def _switch_pair(self, plan: _Plan, sample: int):
         """Back to the clean weights, then the noise of antithetic pair `sample` (its own norms)."""
@@ -287,17 +327,11 @@ class NoiseCycle:
             m.track_running_stats = False
         return frozen
 
-    def _check_grads(self, first_grads):
+    def _check_sparse(self):
         for p in self.params():
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError("SSGD does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
                                    "use dense gradients")
-        for p, g in first_grads:
-            if p.grad is not g:
-                raise RuntimeError(
-                    "p.grad was replaced between the two passes (was zero_grad() called inside the closure "
-                    "or the twin_passes() loop?). The second pass must accumulate into the first: zero the "
-                    "gradients before the step, not between its passes.")
 
     @torch.no_grad()
     def _finite_and_clipped(self, gs: float):
@@ -320,3 +354,51 @@ class NoiseCycle:
         if o.max_grad_norm is not None:
             gs *= min(1.0, o.max_grad_norm / (total + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
         return gs
+
+
+class GradGuard:
+    """Keeps the first pass's gradients through the later passes (see the module docstring).
+
+    watch() before a later pass notes each held gradient's version counter and hooks each
+    parameter's gradient accumulation: autograd adds into an existing .grad in place, one version
+    bump per backward, so a held gradient found with more bumps than accumulations was written in
+    place by something else (an in-place zero_grad). fold() after the pass adds gradients that
+    replaced a held one into it and puts the held tensor back in .grad."""
+
+    def __init__(self, params):
+        self.held = {p: p.grad for p in params if p.grad is not None}
+        self.version = {}
+        self.hooks = []
+        self.overwritten = []
+
+    def watch(self):
+        self.version = {p: g._version for p, g in self.held.items()}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.held
+                      if p.requires_grad and p.is_leaf]
+
+    def _accumulated(self, p):
+        g = self.held[p]
+        if p.grad is g:
+            if g._version != self.version[p] + 1:
+                self.overwritten.append(p)
+            self.version[p] = g._version
+
+    def unwatch(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    @torch.no_grad()
+    def fold(self):
+        if self.overwritten:
+            shapes = sorted({tuple(p.shape) for p in self.overwritten})
+            raise RuntimeError(
+                f"the first pass's gradient was overwritten in place during a later S-SGD pass (parameters of "
+                f"shape {shapes[:4]}): zero_grad(set_to_none=False) or grad.zero_() was called inside the "
+                "closure or the twin_passes() loop. Zero before the step, call the optimizer's zero_grad() "
+                "(deferred during the passes) or use set_to_none=True; the clean weights were restored.")
+        for p, g in self.held.items():
+            if p.grad is not g:
+                if p.grad is not None:
+                    g.add_(p.grad)
+                p.grad = g

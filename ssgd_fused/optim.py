@@ -15,6 +15,7 @@ import torch
 from . import noise as _noise
 from . import ops as _ops
 from . import reference as _reference
+from .critical import critical
 from .cycle import NoiseCycle
 from .options import Options, param_groups
 from .options import param_group as _checked_group
@@ -144,7 +145,8 @@ class SSGD(torch.optim.Optimizer):
                 raise RuntimeError("SSGD.step() needs a closure, or must follow a completed "
                                    "`for _ in opt.twin_passes(): ...backward()` loop")
             self._twin_ready = False
-            return self.base_optimizer.step()
+            with critical():  # the whole update or none of it
+                return self.base_optimizer.step()
         self._twin_ready = False
         self.zero_grad(set_to_none=True)
         losses = []
@@ -153,10 +155,11 @@ class SSGD(torch.optim.Optimizer):
             for _ in passes:
                 with torch.enable_grad():
                     losses.append(closure())
-        except BaseException:
+            self._cycle.finish(update=True)
+        except BaseException:  # clean weights whatever happened (Ctrl-C included), then re-raise
             passes.close()
+            self._cycle.ensure_clean()
             raise
-        self._cycle.finish(update=True)
         if any(loss is None for loss in losses):
             return None
         losses = [loss.detach() if isinstance(loss, torch.Tensor) else loss for loss in losses]
@@ -176,6 +179,14 @@ class SSGD(torch.optim.Optimizer):
         yield from self._cycle.passes()
         self._cycle.finish(update=False)
         self._twin_ready = True
+
+    def zero_grad(self, set_to_none: bool = True):
+        """As torch.optim's, except during the passes after the first of a step, where it does
+        nothing: the later passes' gradients must add to the first's (frameworks such as Lightning
+        call ``optimizer.zero_grad()`` inside the closure). Gradients are zeroed before each step."""
+        if self._cycle.in_later_pass():
+            return
+        super().zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
         """The base optimizer's state_dict plus ``"ssgd": {"seed", "step", "spec_version"}``."""

@@ -118,9 +118,10 @@ def test_fused_step_allocates_no_parameter_sized_tensor(base):
             assert largest < 4096, f"a {largest}-byte allocation during a fused step"
 
 
-def test_next_step_norms_are_reused_and_invalidated_by_weight_changes(monkeypatch):
-    """The fused update leaves the next step's norms; the next step uses them instead of a norm
-    pass, unless a weight changed in between (version counter), where it measures afresh."""
+def test_noise_norms_are_reused_and_weight_norms_measured_every_step(monkeypatch):
+    """The fused update leaves the next step's ||u||^2; the next step reuses it and measures only
+    ||w||^2 (a weights-only norm pass: rademacher's ||u||^2 needs no generation), every step, so
+    weights changed in any way between steps get noise of the right size."""
     from ssgd_fused import ops
 
     torch.manual_seed(0)
@@ -129,11 +130,16 @@ def test_next_step_norms_are_reused_and_invalidated_by_weight_changes(monkeypatc
     opt = SSGD(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, noise=0.5, backend="cpp")
     calls = []
     real_norms = ops.norms
-    monkeypatch.setattr(ops, "norms", lambda params, **kw: calls.append(len(params)) or real_norms(params, **kw))
+
+    def counting(params, **kw):
+        calls.append((len(params), kw["distribution"]))
+        return real_norms(params, **kw)
+
+    monkeypatch.setattr(ops, "norms", counting)
     opt.step(closure_for(model, x, y))
-    assert calls == [3]  # first step: the three weight matrices are measured
+    assert calls == [(3, "gaussian")]  # first step: the three weight matrices and their noise
     opt.step(closure_for(model, x, y))
-    assert calls == [3]  # second step: nothing to measure
+    assert calls[1:] == [(3, "rademacher")]  # then the weights only
     with torch.no_grad():
         model.fc1.weight.mul_(3.0)  # the user changes a weight between steps
     seen = {}
@@ -144,6 +150,6 @@ def test_next_step_norms_are_reused_and_invalidated_by_weight_changes(monkeypatc
 
     clean = model.fc1.weight.detach().clone()
     opt.step(closure)
-    assert calls == [3, 1]  # only the changed tensor is measured again
+    assert calls[2:] == [(3, "rademacher")]
     n = (seen["fc1"] - clean).norm() / clean.norm()
-    assert n.item() == pytest.approx(0.5, rel=1e-5)  # and its noise follows the new weights
+    assert n.item() == pytest.approx(0.5, rel=1e-5)  # the noise follows the new weights
