@@ -1,6 +1,6 @@
 """The noise cycle of S-SGD: one object that knows where the weights are.
 
-Per step (DESIGN of the package, README "How it works")::
+Per step (README "What S-SGD does")::
 
     begin     which tensors carry noise, their alphas, norms and scales s_i = alpha_i ||w_i|| / ||u_i||
     passes    weights at +s*u (pass 0), then -s*u (pass 1), for each antithetic pair; the caller runs
@@ -36,6 +36,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import distributed as _distributed
 from . import reference as _reference
 from .critical import critical
 from .options import Options
@@ -75,10 +76,14 @@ class NoiseCycle:
     """The S-SGD cycle over a base optimizer's param_groups; ``ops`` moves the weights."""
 
     def __init__(self, base: torch.optim.Optimizer, options: Options, ops, fused: bool,
-                 bn_layers: list[torch.nn.Module]):
+                 bn_layers: list[torch.nn.Module], model: torch.nn.Module | None = None):
         self.base = base
         self.options = options
-        self.ops = ops  # ssgd_fused.ops (the kernels) or ssgd_fused.reference
+        # ssgd_fused.ops (the kernels) or ssgd_fused.reference, seen through ShardedOps: DTensor
+        # arguments become their local shards, with each shard's element offset
+        self.ops = _distributed.ShardedOps(ops)
+        self.model = model  # DDP: the passes before the last run under its no_sync()
+        self.rank = _distributed.world()[0]
         self.fused = fused  # restore fused with the base update where ssgd_fused.updates has a kernel
         self.bn_layers = bn_layers
         self.seed = options.seed
@@ -97,8 +102,12 @@ class NoiseCycle:
         """The spec's tensor_id of each parameter: its index in the flattened param_groups."""
         return {p: i for i, p in enumerate(self.params())}
 
+    def passes_of(self, step: int):
+        """(sample, displacement) per pass of `step` on this rank."""
+        return self.options.passes(step, self.rank)
+
     def num_passes(self) -> int:
-        return len(self.options.passes(self.step))
+        return len(self.passes_of(self.step))
 
     def forget_norms(self):
         self._noise_norms = {}
@@ -112,12 +121,14 @@ class NoiseCycle:
         return {"seed": self.seed, "step": plan.step, "sample": plan.sample, "distribution": o.distribution,
                 "filter": o.scope == "filter", **extra}
 
-    def _norm_key(self, step):
-        return (self.seed, step, self.options.distribution, self.options.scope)
+    def _norm_key(self, step, sample):
+        return (self.seed, step, sample, self.options.distribution, self.options.scope)
 
     def _exact(self, p) -> bool:
         restore = self.options.restore
-        if not self.fused or restore == "exact":
+        # ranks="pairs"/"split": each rank's noise differs, so regeneration would round differently
+        # on each rank and the replicas would drift apart; the clean copy keeps them bitwise equal
+        if not self.fused or restore == "exact" or self.options.ranks != "same":
             return True
         return restore == "auto" and p.dtype != torch.float32
 
@@ -140,6 +151,7 @@ class NoiseCycle:
         params = [c[0] for c in chosen]
         plan = _Plan(params, [c[1] for c in chosen], [c[2] for c in chosen], [self._exact(p) for p in params],
                      self.step)
+        plan.sample = self.passes_of(self.step)[0][0]
         if params:
             w_sq, u_sq = self._measure(plan)
             plan.scales = _reference.scales_from_norms(w_sq, u_sq, plan.alphas)
@@ -149,8 +161,8 @@ class NoiseCycle:
         """(||w||^2, ||u||^2) per perturbed tensor. ||w||^2 afresh; ||u||^2 from the previous
         update pass where it measured this step's noise (same stream, tensor id and size), else
         both from a norm pass."""
-        fresh = self._noise_norms.get("key") == self._norm_key(plan.step)
-        cached = self._noise_norms.get("entries", {}) if fresh and plan.sample == 0 else {}
+        fresh = self._noise_norms.get("key") == self._norm_key(plan.step, plan.sample)
+        cached = self._noise_norms.get("entries", {}) if fresh else {}
         self._noise_norms = {}
         hits = [cached.get(p) for p in plan.params]
         u_sq = [h[2] if h is not None and h[:2] == (tid, p.numel()) else None
@@ -169,7 +181,14 @@ class NoiseCycle:
                 w_sq[i] = w[k]
                 if u_sq[i] is None:
                     u_sq[i] = u[k]
-        return w_sq, u_sq
+        return self._over_shards(plan.params, w_sq), self._over_shards(plan.params, u_sq)
+
+    def _over_shards(self, params, sq):
+        """Tensor scope: a sharded tensor's norm is the sum of its shards' (whole rows per shard:
+        the filter scope's per-row norms are local)."""
+        if self.options.scope == "filter" or not any(map(_distributed.is_dtensor, params)):
+            return sq
+        return _distributed.sum_over_shards(sq, [self.ops.shard(p).group for p in params])
 
     def passes(self) -> Iterator[int]:
         """Displaces the weights for each pass and yields the pass index; any exit other than
@@ -180,19 +199,26 @@ class NoiseCycle:
         guard = None
         done = False
         try:
-            for k, (pair, target) in enumerate(self.options.passes(plan.step)):
+            schedule = self.passes_of(plan.step)
+            for k, (pair, target) in enumerate(schedule):
                 with critical():
                     if pair != plan.sample and plan.params:
                         self._switch_pair(plan, pair)
                     self._move(plan, target)
                     frozen = self._freeze_bn(k)
-                if k == 1:
-                    guard = GradGuard(self.params())
+                if k == 1:  # DDP writes gradients in place itself: no overwrite check there
+                    guard = GradGuard(self.params(), check=_distributed.world()[1] == 1)
                 if guard is not None:
                     guard.watch()
                 self.pass_index = k
+                # DDP: gradients all-reduced once, in the last pass's backward
+                quiet = _distributed.no_sync(self.model) if k < len(schedule) - 1 else None
                 try:
-                    yield k
+                    if quiet is not None:
+                        with quiet:
+                            yield k
+                    else:
+                        yield k
                 finally:
                     self.pass_index = None
                     with critical():
@@ -278,11 +304,15 @@ class NoiseCycle:
         empty = torch.empty(0, dtype=torch.float64)
         filter = self.options.scope == "filter"
         next_norms = {}
+        # the update measures the next step's noise with this pass's sample: kept when the next step
+        # starts with the same one
+        measure_next = plan.sample == self.passes_of(plan.step + 1)[0][0]
         for group in self.base.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
             # exact tensors rebuild from their clean copy (coef 0); the rest re-add the noise
             for exact, ps in _split(with_grad, lambda p: p in info and info[p][1] is not None):
-                rows = [_reference.num_slices(p, filter) if p in info and plan.sample == 0 else 0 for p in ps]
+                rows = [_reference.num_slices(_distributed.local(p), filter) if p in info and measure_next else 0
+                        for p in ps]
                 nw = [torch.empty(r, dtype=torch.float64) for r in rows]
                 nu = [torch.empty(r, dtype=torch.float64) for r in rows]
                 stream = self._stream(plan, tensor_ids=[tids[p] for p in ps],
@@ -298,14 +328,15 @@ class NoiseCycle:
                 self.ops.perturb_([p], [s], 0.0 if src is not None else -plan.offset,
                                   **self._stream(plan, tensor_ids=[tids[p]], sources=None if src is None else [src]))
         plan.offset = 0.0
-        self._noise_norms = {"key": self._norm_key(plan.step + 1), "entries": next_norms}
+        self._noise_norms = {"key": self._norm_key(plan.step + 1, plan.sample), "entries": next_norms}
 
     def _switch_pair(self, plan: _Plan, sample: int):
         """Back to the clean weights, then the noise of antithetic pair `sample` (its own norms)."""
         self._move(plan, 0.0)
         plan.sample = sample
         w_sq, u_sq = self.ops.norms(plan.params, tensor_ids=plan.tids, **self._stream(plan))
-        plan.scales = _reference.scales_from_norms(w_sq, u_sq, plan.alphas)
+        plan.scales = _reference.scales_from_norms(self._over_shards(plan.params, w_sq),
+                                                   self._over_shards(plan.params, u_sq), plan.alphas)
 
     def _backup(self, p):
         b = self._backups.get(p)
@@ -343,7 +374,8 @@ class NoiseCycle:
         grads = [p.grad for p in self.params() if p.grad is not None]
         if not grads:
             return gs
-        total = gs * torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).double(), 2.0).item()
+        norms = [n.full_tensor() if _distributed.is_dtensor(n) else n for n in torch._foreach_norm(grads, 2.0)]
+        total = gs * torch.linalg.vector_norm(torch.stack(norms).double(), 2.0).item()
         if not math.isfinite(total):
             if o.nonfinite == "raise":
                 raise FloatingPointError("SSGD: non-finite gradients (inf or NaN) in this step; the clean "
@@ -363,15 +395,19 @@ class GradGuard:
     parameter's gradient accumulation: autograd adds into an existing .grad in place, one version
     bump per backward, so a held gradient found with more bumps than accumulations was written in
     place by something else (an in-place zero_grad). fold() after the pass adds gradients that
-    replaced a held one into it and puts the held tensor back in .grad."""
+    replaced a held one into it and puts the held tensor back in .grad. Under torch.distributed
+    the check is off (DDP's reducer writes the gradients in place between backwards)."""
 
-    def __init__(self, params):
+    def __init__(self, params, check: bool = True):
         self.held = {p: p.grad for p in params if p.grad is not None}
+        self.check = check
         self.version = {}
         self.hooks = []
         self.overwritten = []
 
     def watch(self):
+        if not self.check:
+            return
         self.version = {p: g._version for p, g in self.held.items()}
         self.hooks = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.held
                       if p.requires_grad and p.is_leaf]

@@ -7,11 +7,13 @@ restore+update) is :class:`ssgd_fused.cycle.NoiseCycle`.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 
+from . import distributed as _distributed
 from . import noise as _noise
 from . import ops as _ops
 from . import reference as _reference
@@ -71,14 +73,23 @@ class SSGD(torch.optim.Optimizer):
         bn_stats (str, default "both"): BatchNorm running statistics in the passes: "both" (updated
             by every pass, the paper's behaviour), "first" (first pass only) or "none"; "first"
             and "none" need ``model=``.
-        model (nn.Module, optional): the model, to find its BatchNorm layers for ``bn_stats``.
+        model (nn.Module, optional): the model: its BatchNorm layers for ``bn_stats``; a
+            ``DistributedDataParallel`` model runs the passes before the last under ``no_sync()``,
+            so each step all-reduces the gradients once.
+        ranks (str, default "same"): with torch.distributed, "same" (every rank the same noise: the
+            paper's algorithm on the global batch), "pairs" (rank r draws its own antithetic pairs,
+            the spec's ``sample = r * pairs + j``: world_size pairs per step) or "split" (ranks 2j
+            and 2j+1 share pair j, the even rank runs only ``+n`` and the odd only ``-n``: one
+            forward/backward per rank, the first-order noise term cancels only in expectation
+            over the data). ``seed`` is rank 0's (seed=None) or must be equal on every rank.
     """
 
     def __init__(self, params, base_optimizer_cls, *, noise: float | Callable[[int], float] = 0.5,
                  distribution: str | None = None, scope: str = "tensor", mode: str = "symmetric",
                  seed: int | None = None, backend: str = "auto", restore: str = "auto", start_step: int = 0,
                  max_grad_norm: float | None = None, nonfinite: str = "update", pairs: int = 1,
-                 bn_stats: str = "both", model: torch.nn.Module | None = None, **base_kwargs):
+                 bn_stats: str = "both", model: torch.nn.Module | None = None, ranks: str = "same",
+                 **base_kwargs):
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
             raise TypeError(
                 "base_optimizer_cls must be a torch.optim.Optimizer subclass such as torch.optim.SGD "
@@ -88,9 +99,14 @@ class SSGD(torch.optim.Optimizer):
         options = Options.validate(noise=noise, distribution=distribution, scope=scope, mode=mode, seed=seed,
                                    backend=backend, restore=restore, start_step=start_step,
                                    max_grad_norm=max_grad_norm, nonfinite=nonfinite, pairs=pairs,
-                                   bn_stats=bn_stats, model=model)
+                                   bn_stats=bn_stats, model=model, ranks=ranks)
         groups = param_groups(params)
-        backend = _resolve_backend(options.backend, [p for g in groups for p in g["params"]])
+        flat = [p for g in groups for p in g["params"]]
+        _distributed.check_params(flat)
+        backend = _resolve_backend(options.backend, flat)
+        # one noise stream on every rank (a collective: every rank constructs its SSGD)
+        options = dataclasses.replace(options, seed=_distributed.shared_seed(options.seed, given=seed is not None))
+        _distributed.warn_if_ddp_without_model(flat, model)
 
         super().__init__(groups, {"noise": None})
         self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
@@ -102,7 +118,7 @@ class SSGD(torch.optim.Optimizer):
         bn_layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] \
             if model is not None else []
         self._cycle = NoiseCycle(self.base_optimizer, options, _reference if backend == "reference" else _ops,
-                                 fused=backend == "fused", bn_layers=bn_layers)
+                                 fused=backend == "fused", bn_layers=bn_layers, model=model)
         self._twin_ready = False
 
     # ---- the options and the cycle's counters, as attributes ------------------------------------
@@ -241,7 +257,7 @@ def _resolve_backend(backend: str, params) -> str:
         why = None
         if any(p.dtype not in FUSED_DTYPES for p in params):
             why = "the fused kernels support float32, bfloat16 and float16 parameters"
-        elif any(not p.is_contiguous() for p in params):
+        elif any(not _distributed.local(p).is_contiguous() for p in params):
             why = "the fused kernels need contiguous parameters"
     if backend in ("cpp", "triton", "fused"):
         want = {"cpp": "cpu", "triton": "cuda"}.get(backend)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import distributed as _distributed
 from . import noise as _noise
 
 MODES = ("symmetric", "one_sided", "smoothout")
@@ -93,11 +94,12 @@ class Options:
     nonfinite: str
     pairs: int
     bn_stats: str
+    ranks: str = "same"
 
     @classmethod
     def validate(cls, *, noise=0.5, distribution=None, scope="tensor", mode="symmetric", seed=None, backend="auto",
                  restore="auto", start_step=0, max_grad_norm=None, nonfinite="update", pairs=1, bn_stats="both",
-                 model=None) -> Options:
+                 model=None, ranks="same") -> Options:
         if callable(noise):
             check_alpha(noise(0), "noise(0) (the alpha schedule at step 0)")
         else:
@@ -126,12 +128,20 @@ class Options:
             raise TypeError(f"model must be the torch.nn.Module being trained, got {type(model).__name__}")
         _choose("backend", backend, BACKENDS)
         _choose("restore", restore, RESTORES)
+        _distributed.check_ranks(ranks)
+        if ranks == "split" and (pairs != 1 or mode != "symmetric"):
+            raise ValueError("ranks='split' runs one pass per rank (+n on even ranks, -n on odd ones): it needs "
+                             f"mode='symmetric' and pairs=1, got mode={mode!r}, pairs={pairs}")
+        if ranks != "same" and restore == "regenerate":
+            raise ValueError(f"ranks={ranks!r} gives each rank its own noise: restoring by regeneration would "
+                             "round differently on each rank and the replicas would drift apart; use "
+                             "restore='auto' or 'exact' (a clean copy of the weights)")
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) * 4 + int(torch.randint(0, 4, ()))
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         return cls(noise, distribution, scope, mode, seed, backend, restore, start_step, max_grad_norm, nonfinite,
-                   pairs, bn_stats)
+                   pairs, bn_stats, ranks)
 
     def alpha_at(self, step: int) -> float:
         """The default alpha at noise step `step`: `noise` or `noise(step)`; 0 before start_step."""
@@ -141,8 +151,13 @@ class Options:
             return check_alpha(self.noise(step), f"noise({step}) (the alpha schedule)")
         return self.noise
 
-    def passes(self, step: int) -> tuple[tuple[int, float], ...]:
-        """(antithetic pair, displacement in units of s*u) per pass of step `step`."""
+    def passes(self, step: int, rank: int = 0) -> tuple[tuple[int, float], ...]:
+        """(the spec's sample, displacement in units of s*u) per pass of step `step` on `rank`:
+        +n_j then -n_j for each antithetic pair j; with ranks="pairs" rank r's pairs are
+        r * pairs + j; with ranks="split" rank r runs pair r // 2 alone, +n if r is even, -n if odd."""
         if self.mode != "symmetric" or step < self.start_step:
             return ((0, 1.0),)
-        return tuple((j, t) for j in range(self.pairs) for t in (1.0, -1.0))
+        if self.ranks == "split":
+            return ((rank // 2, 1.0 if rank % 2 == 0 else -1.0),)
+        first = rank * self.pairs if self.ranks == "pairs" else 0
+        return tuple((first + j, t) for j in range(self.pairs) for t in (1.0, -1.0))

@@ -1,0 +1,176 @@
+"""Workers for tests/test_distributed.py: each runs in its own process of a real gloo process group
+(started by `launch`, environment as torchrun sets it) and saves what it measured for the test.
+
+    python -m tests.dist_workers <worker> <out_dir>       (RANK, WORLD_SIZE, MASTER_* set)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ssgd_fused import SSGD
+
+STEPS = 3
+BATCH = 16  # per rank
+
+
+def make_model():
+    torch.manual_seed(0)  # the same initial weights on every rank (DDP would broadcast them anyway)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 5))
+
+
+def batch(step, rank, world):
+    """This rank's part of the global batch of step `step` (the global batch is the ranks' in order)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(BATCH * world, 12, generator=g), torch.randint(0, 5, (BATCH * world,), generator=g)
+    return x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
+
+
+def counting_hook(counter):
+    """A DDP comm hook that all-reduces as DDP does and counts the buckets it reduced."""
+
+    def allreduce_counted(state, bucket):
+        counter["calls"] += 1
+        t = bucket.buffer().div_(dist.get_world_size())
+        return dist.all_reduce(t, async_op=True).get_future().then(lambda f: f.value()[0])
+
+    return allreduce_counted
+
+
+def _ddp(model_arg=True, api="closure", ranks="same", seed=None, max_grad_norm=None, accumulate=1):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model()
+    torch.manual_seed(100 + rank)  # ranks seeded differently (augmentation): seed=None must still agree
+    ddp = nn.parallel.DistributedDataParallel(model)
+    counter = {"calls": 0}
+    ddp.register_comm_hook(None, counting_hook(counter))
+    opt = SSGD(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, noise=0.5, seed=seed, ranks=ranks,
+               model=ddp if model_arg else None, max_grad_norm=max_grad_norm)
+    seen, passes = [], []
+    for step in range(STEPS):
+        x, y = batch(step, rank, world)
+        if api == "closure":
+            def closure():
+                seen.append([p.detach().clone() for p in model.parameters()])
+                loss = F.cross_entropy(ddp(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        else:  # twin_passes, the batch in `accumulate` micro-batches, DDP's own no_sync for all but the last
+            opt.zero_grad()
+            for k in opt.twin_passes():
+                seen.append([p.detach().clone() for p in model.parameters()])
+                xs, ys = x.chunk(accumulate), y.chunk(accumulate)
+                for i, (xi, yi) in enumerate(zip(xs, ys)):
+                    if i < accumulate - 1:  # forward and backward under no_sync: DDP decides in forward
+                        with ddp.no_sync():
+                            (F.cross_entropy(ddp(xi), yi) / accumulate).backward()
+                    else:
+                        (F.cross_entropy(ddp(xi), yi) / accumulate).backward()
+                passes.append(k)
+            opt.step()
+    return {"params": [p.detach().clone() for p in model.parameters()], "allreduce_buckets": counter["calls"],
+            "seed": opt.seed, "seen": seen, "sd_seed": opt.state_dict()["ssgd"]["seed"]}
+
+
+def ddp_closure():
+    return _ddp()
+
+
+def ddp_no_model():
+    return _ddp(model_arg=False)
+
+
+def ddp_twin_accumulate_clip():
+    return _ddp(api="twin", accumulate=2, max_grad_norm=0.5)
+
+
+def ddp_pairs():
+    return _ddp(ranks="pairs", seed=7)
+
+
+def ddp_split():
+    return _ddp(ranks="split", seed=7)
+
+
+def mismatched_seeds():
+    model = make_model()
+    try:
+        SSGD(model.parameters(), torch.optim.SGD, lr=0.1, seed=10 + dist.get_rank())
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def split_odd_world():
+    try:
+        SSGD(make_model().parameters(), torch.optim.SGD, lr=0.1, ranks="split")
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+WORKERS = {f.__name__: f for f in (ddp_closure, ddp_no_model, ddp_twin_accumulate_clip, ddp_pairs, ddp_split,
+                                   mismatched_seeds, split_odd_world)}
+
+
+# ---- launching ------------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(worker: str, world: int, out_dir: Path, timeout: float = 120.0, extra_env=None):
+    """Runs `worker` on `world` processes of a gloo group; returns each rank's result (in rank order)."""
+    port = _free_port()
+    root = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), **(extra_env or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.dist_workers", worker, str(out_dir)], env=env,
+                                      cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outs.append(out)
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        if p.returncode != 0:
+            raise RuntimeError(f"rank {rank} of {worker} failed ({p.returncode}):\n{out[-4000:]}")
+    return [torch.load(out_dir / f"{worker}.{r}.pt", weights_only=False) for r in range(world)]
+
+
+def main():
+    worker, out_dir = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        result = WORKERS[worker]()
+        torch.save(result, out_dir / f"{worker}.{dist.get_rank()}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    print(json.dumps({"rank": int(os.environ["RANK"]), "ok": True}))
+
+
+if __name__ == "__main__":
+    main()

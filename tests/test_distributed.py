@@ -1,0 +1,114 @@
+"""Many devices, on real gloo process groups (2 and 4 CPU processes, tests/dist_workers.py): one
+noise stream across ranks, DDP's single all-reduce per step, the rank-parallel variants, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssgd_fused import SSGD
+from ssgd_fused import noise as spec
+from tests import dist_workers as W
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def single_process(seed, steps=W.STEPS, world=2, max_grad_norm=None):
+    """S-SGD on the global batch (every rank's part) in one process."""
+    model = W.make_model()
+    opt = SSGD(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, noise=0.5, seed=seed,
+               max_grad_norm=max_grad_norm)
+    for step in range(steps):
+        parts = [W.batch(step, r, world) for r in range(world)]
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    return [p.detach() for p in model.parameters()]
+
+
+def assert_replicas_equal(results):
+    for r in results[1:]:
+        for a, b in zip(results[0]["params"], r["params"]):
+            assert torch.equal(a, b), "replicas differ"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_one_stream_one_allreduce_equals_global_batch(tmp_path, world):
+    """seed=None with ranks seeded differently: every rank takes rank 0's seed; with model=ddp each
+    step all-reduces once (one bucket per step); replicas stay bitwise equal; the trajectory is
+    single-process S-SGD on the global batch."""
+    res = W.launch("ddp_closure", world, tmp_path)
+    seeds = {r["seed"] for r in res}
+    assert len(seeds) == 1 and res[0]["sd_seed"] == res[0]["seed"]
+    assert [r["allreduce_buckets"] for r in res] == [W.STEPS] * world
+    assert_replicas_equal(res)
+    for a, b in zip(res[0]["params"], single_process(res[0]["seed"], world=world)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_without_model_warns_and_all_reduces_twice(tmp_path):
+    res = W.launch("ddp_no_model", 2, tmp_path)
+    assert [r["allreduce_buckets"] for r in res] == [2 * W.STEPS] * 2
+    assert_replicas_equal(res)
+    for a, b in zip(res[0]["params"], single_process(res[0]["seed"])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_twin_passes_with_accumulation_and_clipping(tmp_path):
+    res = W.launch("ddp_twin_accumulate_clip", 2, tmp_path)
+    assert [r["allreduce_buckets"] for r in res] == [W.STEPS] * 2
+    assert_replicas_equal(res)
+    for a, b in zip(res[0]["params"], single_process(res[0]["seed"], max_grad_norm=0.5)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_pairs_each_rank_its_own_pair(tmp_path):
+    """ranks="pairs": rank r's noise is the spec's sample r (direction checked against the spec),
+    two passes per rank, replicas equal."""
+    res = W.launch("ddp_pairs", 2, tmp_path)
+    assert_replicas_equal(res)
+    assert all(len(r["seen"]) == 2 * W.STEPS for r in res)
+    for rank, r in enumerate(res):
+        plus, minus = r["seen"][0][0], r["seen"][1][0]  # step 0, first weight matrix
+        n = (plus - minus) / 2
+        u = spec.generate("gaussian", n.numel(), 7, 0, 0, sample=rank).view_as(n)
+        cos = torch.dot(n.flatten(), u.flatten()) / (n.norm() * u.norm())
+        assert cos > 0.999999, f"rank {rank}: noise is not the spec's sample {rank} (cos {cos:.6f})"
+    n0 = res[0]["seen"][0][0] - res[0]["seen"][1][0]
+    n1 = res[1]["seen"][0][0] - res[1]["seen"][1][0]
+    assert not torch.allclose(n0, n1)
+
+
+def test_ranks_split_one_pass_per_rank(tmp_path):
+    """ranks="split": one forward/backward per rank, the even rank at +n, the odd at -n of the
+    same pair; replicas equal."""
+    res = W.launch("ddp_split", 2, tmp_path)
+    assert_replicas_equal(res)
+    assert all(len(r["seen"]) == W.STEPS for r in res)
+    w_plus, w_minus = res[0]["seen"][0][0], res[1]["seen"][0][0]
+    clean = (w_plus + w_minus) / 2
+    n = w_plus - clean
+    u = spec.generate("gaussian", n.numel(), 7, 0, 0, sample=0).view_as(n)
+    assert torch.dot(n.flatten(), u.flatten()) / (n.norm() * u.norm()) > 0.999999
+    torch.testing.assert_close(n.norm(), 0.5 * clean.norm(), rtol=1e-5, atol=0)
+
+
+def test_mismatched_seeds_are_a_clear_error_on_every_rank(tmp_path):
+    res = W.launch("mismatched_seeds", 2, tmp_path)
+    for r in res:
+        assert r["error"] is not None and "rank 0: 10" in r["error"] and "rank 1: 11" in r["error"]
+
+
+def test_split_needs_an_even_world_size(tmp_path):
+    res = W.launch("split_odd_world", 3, tmp_path)
+    assert all("even world size, got 3" in (r["error"] or "") for r in res)
+
+
+def test_rank_variants_need_a_process_group():
+    model = W.make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    for ranks in ("pairs", "split"):
+        with pytest.raises(RuntimeError, match="process group"):
+            SSGD(model.parameters(), torch.optim.SGD, lr=0.1, ranks=ranks)
+    with pytest.raises(ValueError, match="ranks must be one of"):
+        SSGD(model.parameters(), torch.optim.SGD, lr=0.1, ranks="all")
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
