@@ -157,6 +157,8 @@ class SSGD(torch.optim.Optimizer):
 
         Without a closure: applies the base update after a completed ``twin_passes()`` loop."""
         if closure is None:
+            if not self._twin_ready and self._is_state_init_call():
+                return self.base_optimizer.step()  # lr 0, zero gradients: creates the state, moves nothing
             if not self._twin_ready:
                 raise RuntimeError("SSGD.step() needs a closure, or must follow a completed "
                                    "`for _ in opt.twin_passes(): ...backward()` loop")
@@ -180,6 +182,14 @@ class SSGD(torch.optim.Optimizer):
             return None
         losses = [loss.detach() if isinstance(loss, torch.Tensor) else loss for loss in losses]
         return sum(losses[1:], losses[0]) / len(losses)
+
+    def _is_state_init_call(self) -> bool:
+        """torch.distributed.checkpoint's state-dict helpers create an empty optimizer's state by
+        calling step() with every lr at 0 and zero gradients; that step is the base optimizer's."""
+        if self.state or any(g.get("lr", 1.0) != 0 for g in self.param_groups):
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return all(not g.any() for g in grads)
 
     def twin_passes(self) -> Iterator[int]:
         """For manual training loops (GradScaler, gradient accumulation, DDP no_sync)::
@@ -205,21 +215,34 @@ class SSGD(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
-        """The base optimizer's state_dict plus ``"ssgd": {"seed", "step", "spec_version"}``."""
+        """The base optimizer's state_dict plus ``"ssgd": {"seed", "step", "spec_version"}``; the
+        same three also ride in every param group (``ssgd_seed``, ...), where
+        ``torch.distributed.checkpoint``'s state-dict helpers, which keep only "state" and
+        "param_groups", carry them."""
         self._cycle.ensure_clean()
         sd = self.base_optimizer.state_dict()
-        sd["ssgd"] = {"seed": self._cycle.seed, "step": self._cycle.step, "spec_version": _noise.SPEC_VERSION}
+        info = {"seed": self._cycle.seed, "step": self._cycle.step, "spec_version": _noise.SPEC_VERSION}
+        sd["ssgd"] = info
+        for g in sd["param_groups"]:
+            g.update({f"ssgd_{k}": v for k, v in info.items()})
         return sd
 
     def load_state_dict(self, state_dict):
-        self._cycle.ensure_clean()
-        if "ssgd" not in state_dict:
+        info = state_dict.get("ssgd")
+        groups = state_dict.get("param_groups") or [{}]
+        if info is None and "ssgd_seed" in groups[0]:
+            info = {k: groups[0].get(f"ssgd_{k}") for k in ("seed", "step", "spec_version")}
+        if info is None:
             raise ValueError("state_dict has no 'ssgd' entry: it was not saved by SSGD.state_dict()")
-        info = state_dict["ssgd"]
         if info.get("spec_version") != _noise.SPEC_VERSION:
             raise ValueError(f"state_dict was saved with noise spec {info.get('spec_version')}, "
                              f"this is spec {_noise.SPEC_VERSION}")
-        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "ssgd"})
+        self._cycle.ensure_clean()
+        base_sd = {k: v for k, v in state_dict.items() if k != "ssgd"}
+        if "param_groups" in base_sd:
+            base_sd["param_groups"] = [{k: v for k, v in g.items() if not k.startswith("ssgd_")}
+                                       for g in base_sd["param_groups"]]
+        self.base_optimizer.load_state_dict(base_sd)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self._cycle.seed = int(info["seed"])

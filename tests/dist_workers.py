@@ -122,7 +122,100 @@ def split_odd_world():
     return {"error": None}
 
 
-WORKERS = {f.__name__: f for f in (ddp_closure, ddp_no_model, ddp_twin_accumulate_clip, ddp_pairs, ddp_split,
+# ---- FSDP2 -------------------------------------------------------------------------------------------
+def make_fsdp_model():
+    """Uneven dim-0 shards on 2 ranks whose element offsets fall inside 4- and 128-element noise blocks:
+    21 rows of 13 (rank 1 starts at element 11 * 13 = 143), 5 rows of 21 (rank 1 at 3 * 21 = 63)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(13, 21), nn.Tanh(), nn.Linear(21, 5))
+
+
+def fsdp_batch(step, rank, world):
+    g = torch.Generator().manual_seed(2000 + step)
+    x, y = torch.randn(BATCH * world, 13, generator=g), torch.randint(0, 5, (BATCH * world,), generator=g)
+    return x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
+
+
+FSDP_KW = dict(lr=0.1, momentum=0.9, noise=0.5, seed=7)
+
+
+def _sharded(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _fsdp_steps(model, opt, steps, first=0):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for step in range(first, first + steps):
+        x, y = fsdp_batch(step, rank, world)
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+
+
+def _full(model):
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _fsdp(**kw):
+    model = _sharded(make_fsdp_model())
+    opt = SSGD(model.parameters(), torch.optim.SGD, **FSDP_KW, **kw)
+    _fsdp_steps(model, opt, STEPS)
+    return {"params": _full(model), "local_numels": [p._local_tensor.numel() for p in model.parameters()]}
+
+
+def fsdp_gaussian():
+    return _fsdp()
+
+
+def fsdp_rademacher_filter():
+    return _fsdp(distribution="rademacher", scope="filter")
+
+
+def fsdp_checkpoint():
+    """Two steps, a distributed checkpoint, two more; then a fresh model and optimizer resume from
+    the checkpoint and take the same two steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    ckpt = os.environ["SSGD_TEST_CKPT"]
+    model = _sharded(make_fsdp_model())
+    opt = SSGD(model.parameters(), torch.optim.SGD, **FSDP_KW)
+    _fsdp_steps(model, opt, 2)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=ckpt)
+    _fsdp_steps(model, opt, 2, first=2)
+    straight = _full(model)
+    model2 = _sharded(make_fsdp_model())
+    opt2 = SSGD(model2.parameters(), torch.optim.SGD, **{**FSDP_KW, "seed": 12345})
+    state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model2, state["model"])
+    set_optimizer_state_dict(model2, opt2, state["optim"])
+    _fsdp_steps(model2, opt2, 2, first=2)
+    return {"straight": straight, "resumed": _full(model2), "seed": opt2.seed, "step": opt2.noise_step}
+
+
+def fsdp_bad_placement():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    w = nn.Parameter(distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)]))
+    try:
+        SSGD([w], torch.optim.SGD, lr=0.1)
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+WORKERS = {f.__name__: f for f in (fsdp_gaussian, fsdp_rademacher_filter, fsdp_checkpoint, fsdp_bad_placement,
+                                   ddp_closure, ddp_no_model, ddp_twin_accumulate_clip, ddp_pairs, ddp_split,
                                    mismatched_seeds, split_odd_world)}
 
 

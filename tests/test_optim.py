@@ -265,8 +265,15 @@ def test_state_dict_contents():
     sd = opt.state_dict()
     assert sd["ssgd"] == {"seed": 2**64 - 1, "step": 2, "spec_version": 1}
     assert len(sd["state"]) == len(list(model.parameters()))
+    assert all(g["ssgd_seed"] == 2**64 - 1 and g["ssgd_step"] == 2 for g in sd["param_groups"])
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict()  # not SSGD's
     with pytest.raises(ValueError, match="ssgd"):
-        opt.load_state_dict({k: v for k, v in sd.items() if k != "ssgd"})
+        opt.load_state_dict(plain)
+    # what torch.distributed.checkpoint's helpers keep ("state", "param_groups") is enough
+    opt2 = SSGD(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, seed=5, backend="reference")
+    opt2.load_state_dict(copy.deepcopy({k: v for k, v in sd.items() if k != "ssgd"}))
+    assert (opt2.seed, opt2.noise_step) == (2**64 - 1, 2)
+    assert all(not any(k.startswith("ssgd_") for k in g) for g in opt2.param_groups)
 
 
 # ---- weights are never left displaced -------------------------------------------------------
