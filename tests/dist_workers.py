@@ -180,8 +180,12 @@ def fsdp_checkpoint():
     """Two steps, a distributed checkpoint, two more; then a fresh model and optimizer resume from
     the checkpoint and take the same two steps."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     ckpt = os.environ["SSGD_TEST_CKPT"]
     model = _sharded(make_fsdp_model())
