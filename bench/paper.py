@@ -19,7 +19,7 @@ Experiments:
   flat     Figure 2 and flatness: 1-D interpolation SGD -> S-SGD solution (train/test loss and
            error), filter-normalised random-direction scans, Hessian top eigenvalue and trace,
            symmetric sharpness and epsilon-sharpness of both solutions.
-  split    the rank-parallel "split" variant: skipped, the distributed issue has not landed.
+  split    the rank-parallel "split" variant: not measured (needs multi-process runs; see SPLIT_NOTE).
 
 S-SGD's alpha for batch/compute/flat is the sweep's best mean test accuracy of S-SGD (gaussian) on
 mnist1d (``--alpha`` fixes it instead). That choice is made on the test set, as the paper's own
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -46,13 +47,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import torch
 import torch.nn.functional as F
 
+import ssgd_fused
 from ssgd_fused import flatness
 from ssgd_fused.demo import load, make_model, train_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "bench", "results", "cache")
-SPLIT_NOTE = ("rank-parallel `split` variant: skipped -- it needs the distributed (DDP) issue, which has not "
-              "landed; the study will measure it when it does")
+SPLIT_NOTE = ("rank-parallel `split` variant: not measured -- the distributed (DDP) support it needs was still "
+              "landing when this study was built; it needs multi-process (gloo) training runs, a follow-up")
 
 # settings per data set: (batch, epochs, lr) -- chosen so that SGD fits the training set
 SETTINGS = {
@@ -124,6 +126,14 @@ def phase2(p, alpha: float):
 _DATA = {}
 
 
+def _warm_up_ops():
+    """Load the optimizer's kernels in the parent before forking: every worker then runs the
+    same extension build."""
+    m = torch.nn.Linear(2, 2)
+    opt = ssgd_fused.SSGD(m.parameters(), torch.optim.SGD, lr=0.0, noise=0.1, seed=0)
+    opt.step(lambda: m(torch.ones(1, 2)).sum().backward())
+
+
 def _init_worker():
     torch.set_num_threads(1)
 
@@ -136,20 +146,46 @@ def _run(job):
     return exp, key, kw, train_run(data=_DATA[ds], **kw)
 
 
-def _execute(jobs, workers: int, desc: str):
+def _job_id(job) -> str:
+    exp, key, kw = job
+    blob = json.dumps({"exp": exp, "key": list(key), "kw": kw}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _execute(jobs, workers: int, desc: str, runs_dir: str, resume: bool):
+    """Runs the jobs (2 processes x 1 thread by default) with a progress bar. Each finished run is
+    saved to runs_dir at once; with ``resume`` runs already saved there (same configuration) are
+    not run again, so an interrupted study continues where it stopped."""
     from tqdm import tqdm
 
-    out = []
+    os.makedirs(runs_dir, exist_ok=True)
+    out, todo = [], []
+    for job in jobs:
+        path = os.path.join(runs_dir, _job_id(job) + ".pt")
+        if resume and os.path.exists(path):
+            out.append((*job, torch.load(path, weights_only=True)))
+        else:
+            todo.append(job)
+    if out:
+        print(f"{desc}: {len(out)} runs reused from {runs_dir} (--resume)", flush=True)
+
+    def done(res):
+        exp, key, kw, r = res
+        path = os.path.join(runs_dir, _job_id((exp, key, kw)) + ".pt")
+        torch.save(r, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        out.append(res)
+
     # the longest jobs first: the pool then finishes together
-    order = sorted(jobs, key=lambda j: -j[2]["epochs"] * (2 if j[2]["method"] == "ssgd" else 1))
+    todo.sort(key=lambda j: -j[2]["epochs"] * (2 if j[2]["method"] == "ssgd" else 1))
     if workers <= 1:
-        for job in tqdm(order, desc=desc, unit="run", dynamic_ncols=True):
-            out.append(_run(job))
+        for job in tqdm(todo, desc=desc, unit="run", dynamic_ncols=True):
+            done(_run(job))
         return out
     with ProcessPoolExecutor(workers, initializer=_init_worker) as ex:
-        futs = [ex.submit(_run, j) for j in order]
+        futs = [ex.submit(_run, j) for j in todo]
         for f in tqdm(as_completed(futs), total=len(futs), desc=desc, unit="run", dynamic_ncols=True):
-            out.append(f.result())
+            done(f.result())
     return out
 
 
@@ -425,6 +461,8 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=None,
                     help="S-SGD alpha for the batch/compute/flatness experiments (default: the sweep's best)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the runs an interrupted study saved in OUT/runs (same configurations)")
     args = ap.parse_args(argv)
     seeds = args.seeds or (2 if args.quick else 5)
     if seeds < 1:
@@ -439,7 +477,9 @@ def main(argv=None):
     for ds in ("mnist1d", "digits"):
         load(ds, CACHE)  # generate mnist1d once, before the workers start
     p = plan(args.quick, seeds)
-    results = _execute(p["sweep"], args.workers, "sweep")
+    runs_dir = os.path.join(out, "runs")
+    _warm_up_ops()
+    results = _execute(p["sweep"], args.workers, "sweep", runs_dir, args.resume)
     states = {}
     for _exp, key, kw, r in results:
         if "state" in r:
@@ -452,7 +492,7 @@ def main(argv=None):
                 if exp == "sweep" and key[:3] == ("mnist1d", "ssgd", "gaussian")]
         alpha = max(cand)[1]
     print(f"S-SGD alpha for the large-batch, equal-compute and flatness experiments: {alpha}", flush=True)
-    results2 = _execute(phase2(p, alpha), args.workers, "batch+compute")
+    results2 = _execute(phase2(p, alpha), args.workers, "batch+compute", runs_dir, args.resume)
     cells.update(aggregate(results2))
     sw = ("mnist1d", "ssgd", "gaussian", alpha)
     flat = []

@@ -235,17 +235,21 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--noise", type=float, default=0.9, help="S-SGD alpha (||n|| = alpha ||w|| per layer)")
     ap.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=round(0.2 * math.sqrt(1000 / 128), 4))
+    ap.add_argument("--warmup", type=int, default=5, help="epochs of linear learning-rate warm-up")
     ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--hessian-samples", type=int, default=1000)
     args = ap.parse_args(argv)
     data = load(args.dataset)
     n_train = len(data[0][1])
     print(f"{args.dataset}: {n_train} train / {len(data[1][1])} test, {args.epochs} epochs, batch {args.batch}, "
-          f"lr {args.lr}, seeds 0..{args.seeds - 1}, {torch.get_num_threads()} threads")
+          f"lr {args.lr} ({args.warmup} warm-up epochs, cosine), seeds 0..{args.seeds - 1}, "
+          f"{torch.get_num_threads()} threads")
     rows = {}
     for kind in ("sgd", "ssgd"):
         runs = [train_run(dataset=args.dataset, method=kind, alpha=args.noise, distribution=args.distribution,
-                          batch=args.batch, epochs=args.epochs, lr=args.lr, seed=s, data=data)
+                          batch=args.batch, epochs=args.epochs, lr=args.lr, warmup_epochs=args.warmup, seed=s,
+                          data=data, hessian_samples=args.hessian_samples)
                 for s in range(args.seeds)]
         rows[kind] = runs
     print("| optimizer | test acc % | train loss | Hessian top eigenvalue | wall time s |")
