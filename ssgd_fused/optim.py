@@ -161,7 +161,10 @@ class SSGD(torch.optim.Optimizer):
                 return self.base_optimizer.step()  # lr 0, zero gradients: creates the state, moves nothing
             if not self._twin_ready:
                 raise RuntimeError("SSGD.step() needs a closure, or must follow a completed "
-                                   "`for _ in opt.twin_passes(): ...backward()` loop")
+                                   "`for _ in opt.twin_passes(): ...backward()` loop. A trainer that calls "
+                                   "optimizer.step() itself needs S-SGD's integration: "
+                                   "ssgd_fused.integrations.transformers.SSGDTrainer for the Hugging Face Trainer, "
+                                   "ssgd_fused.integrations.lightning.SSGDCallback for Lightning")
             self._twin_ready = False
             with critical():  # the whole update or none of it
                 return self.base_optimizer.step()
