@@ -3,6 +3,7 @@
     python -m bench                       # the quick subset (README's main job runs it)
     python -m bench --sets gpt25m resnet50 --variants fused eager naive sgd --memory
     python -m bench --full                # every set, dtype, distribution and variant
+    python -m bench --distributed         # DDP training steps on 2 CPU ranks (bench/distributed.py)
 
 Prints a markdown table; writes JSON (machine, versions, commit, date, threads) and a PNG chart.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -27,6 +29,11 @@ FULL = dict(sets=list(SETS), dtypes=["float32", "bfloat16"], dists=["gaussian", 
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--distributed" in argv:  # its own options (--steps, --world, --quick): python -m bench.distributed
+        from bench import distributed
+
+        return distributed.main([a for a in argv if a != "--distributed"])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="+", choices=list(SETS))
@@ -45,6 +52,8 @@ def main(argv=None):
                     help="also time training steps of real small models (default: on for the quick subset)")
     ap.add_argument("--no-e2e", dest="e2e", action="store_false")
     ap.add_argument("--out", default=os.path.join(R.ROOT, "bench", "results"), help="folder for JSON and PNG")
+    ap.add_argument("--distributed", action="store_true",
+                    help="time DDP training steps on CPU ranks instead (python -m bench.distributed --help)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
