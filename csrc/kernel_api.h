@@ -18,9 +18,12 @@ struct Stream {
   uint32_t step;    // step & 0xFFFFFFFF
 };
 
-// One contiguous range [e0, e0 + n) of one tensor.
+// One contiguous range [e0, e0 + n) of one tensor. e0 indexes the tensor's memory; the noise of
+// element e is the stream's element noff + e (noff: the shard's offset in the full tensor, 0 when
+// unsharded), so Philox blocks and their alignment are taken in that global index space.
 struct Range {
   int64_t e0, n;
+  int64_t noff;           // element offset of this tensor in its full (unsharded) tensor
   int64_t row_len;        // slice length of the per-row scales (numel for tensor scope)
   const double* scales;   // per-row s (alpha ||w|| / ||u||); nullptr: this tensor carries no noise
   float coef;             // the op adds coef * s * u

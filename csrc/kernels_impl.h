@@ -222,7 +222,9 @@ struct F16 {
 };
 
 // Calls f(i0, i1, u, cs, row) for each row segment of r, u pointing at element i0's noise (nullptr
-// where the tensor carries no noise or coef == 0) and cs = coef * s_row.
+// where the tensor carries no noise or coef == 0) and cs = coef * s_row. Element e's noise is the
+// stream's element r.noff + e (gen_range takes any start; an unaligned shard costs one extra Philox
+// block per sub-block).
 template <class F>
 SSGD_INLINE void for_segments(const Range& r, F&& f) {
   alignas(64) float buf[SUB + 256];
@@ -230,7 +232,7 @@ SSGD_INLINE void for_segments(const Range& r, F&& f) {
   const int64_t end = r.e0 + r.n;
   for (int64_t s0 = r.e0; s0 < end; s0 += SUB) {
     const int64_t s1 = min64(s0 + SUB, end);
-    const float* u = noisy ? gen_range(r.dist, r.st, s0, s1 - s0, buf) : nullptr;
+    const float* u = noisy ? gen_range(r.dist, r.st, r.noff + s0, s1 - s0, buf) : nullptr;
     for (int64_t e = s0; e < s1;) {
       const int64_t row = e / r.row_len;
       const int64_t seg_end = min64(s1, (row + 1) * r.row_len);
@@ -257,8 +259,9 @@ static void norms_t(const void* wv, const Range& r, double* w2, double* u2) {
       acc += x * x;
     }
     w2[row - first_row] += acc;
-    // ||u||^2 of the segment
+    // ||u||^2 of the segment, in the stream's (global) element indices [ge, gend)
     double uacc = 0.0;
+    const int64_t ge = r.noff + e, gend = r.noff + seg_end;
     if (r.dist == Dist::Rademacher) {
       uacc = (double)(seg_end - e);
     } else if (r.dist == Dist::Gauss) {
@@ -269,19 +272,19 @@ static void norms_t(const void* wv, const Range& r, double* w2, double* u2) {
         const float* z = gen_range(r.dist, r.st, i0, i1 - i0, tmp);
         for (int64_t i = 0; i < i1 - i0; ++i) uacc += (double)z[i] * (double)z[i];
       };
-      const int64_t a = (e + 3) & ~(int64_t)3, b = seg_end & ~(int64_t)3;
+      const int64_t a = (ge + 3) & ~(int64_t)3, b = gend & ~(int64_t)3;  // whole blocks: global alignment
       if (a >= b) {
-        edge(e, seg_end);
+        edge(ge, gend);
       } else {
-        edge(e, a);
+        edge(ge, a);
         for (int64_t b0 = a; b0 < b; b0 += 4 * SUB)
           uacc += gauss_sq_blocks(r.st, (uint64_t)(b0 >> 2), min64(SUB, (b - b0) >> 2));
-        edge(b, seg_end);
+        edge(b, gend);
       }
     } else {
       alignas(64) float buf[SUB + 256];
-      for (int64_t s0 = e; s0 < seg_end; s0 += SUB) {
-        int64_t m = min64(SUB, seg_end - s0);
+      for (int64_t s0 = ge; s0 < gend; s0 += SUB) {
+        int64_t m = min64(SUB, gend - s0);
         const float* z = gen_range(r.dist, r.st, s0, m, buf);
         double a = 0.0;
 #pragma omp simd reduction(+ : a)

@@ -113,6 +113,15 @@ Stream make_stream(int64_t seed, int64_t step, int64_t tensor_id, int64_t sample
 
 int64_t rows_of(const at::Tensor& p, bool filter) { return (filter && p.dim() >= 1) ? p.size(0) : 1; }
 
+// A shard's element offset in its full tensor: >= 0 and offset + numel within the spec's counter
+// range (2**48 Philox blocks of 4 elements, or of 128 for rademacher).
+void check_offset(int64_t off, int64_t numel, Dist dist, const std::string& what) {
+  const int64_t limit = (dist == Dist::Rademacher ? 128 : 4) * (int64_t(1) << 48);
+  TORCH_CHECK(off >= 0, "ssgd_fused: ", what, " must be >= 0, got ", off);
+  TORCH_CHECK(off <= limit - numel, "ssgd_fused: ", what, " + numel = ", off, " + ", numel,
+              " exceeds the spec's counter range (", limit, " elements)");
+}
+
 // Per-tensor description common to every op.
 struct Job {
   Range base;       // e0/n filled per item
@@ -120,13 +129,15 @@ struct Job {
   at::Tensor scales_keep;
 };
 
-// scales[i]: float64 per-row scales, or empty for "no noise"
+// scales[i]: float64 per-row scales, or empty for "no noise"; element_offsets: one per param, or none (zeros)
 std::vector<Job> make_jobs(const at::TensorList params, const at::TensorList scales, double coef, int64_t seed,
                            int64_t step, at::IntArrayRef tensor_ids, int64_t sample, const std::string& distribution,
-                           bool filter) {
+                           bool filter, at::OptionalIntArrayRef element_offsets) {
   const int64_t n = (int64_t)params.size();
   TORCH_CHECK((int64_t)tensor_ids.size() == n, "ssgd_fused: tensor_ids has ", tensor_ids.size(),
               " entries for ", n, " params");
+  TORCH_CHECK(!element_offsets.has_value() || (int64_t)element_offsets->size() == n, "ssgd_fused: element_offsets has ",
+              element_offsets.has_value() ? element_offsets->size() : 0, " entries for ", n, " params");
   TORCH_CHECK(scales.empty() || (int64_t)scales.size() == n, "ssgd_fused: scales has ", scales.size(),
               " entries for ", n, " params");
   const Dist dist = parse_dist(distribution);
@@ -149,6 +160,8 @@ std::vector<Job> make_jobs(const at::TensorList params, const at::TensorList sca
       j.scales_keep = s.contiguous();
       j.base.scales = j.scales_keep.data_ptr<double>();
     }
+    j.base.noff = element_offsets.has_value() ? (*element_offsets)[i] : 0;
+    check_offset(j.base.noff, j.numel, dist, "element_offsets[" + std::to_string(i) + "]");
     j.base.coef = (float)coef;
     j.base.dist = dist;
     j.base.st = make_stream(seed, step, tensor_ids[i], sample);
@@ -211,10 +224,11 @@ void check_sources(const c10::optional<at::TensorList>& sources, const at::Tenso
 
 // ---- ops ---------------------------------------------------------------------------------------
 at::Tensor noise_op(int64_t numel, int64_t seed, int64_t step, int64_t tensor_id, int64_t sample,
-                    std::string distribution) {
+                    std::string distribution, int64_t element_offset) {
   TORCH_CHECK(numel >= 0, "ssgd_fused: numel must be >= 0, got ", numel);
-  at::Tensor out = at::empty({numel}, at::kFloat);
   const Dist dist = parse_dist(distribution);
+  check_offset(element_offset, numel, dist, "element_offset");
+  at::Tensor out = at::empty({numel}, at::kFloat);
   const Stream st = make_stream(seed, step, tensor_id, sample);
   const KernelTable* t = active();
   float* o = out.data_ptr<float>();
@@ -222,7 +236,7 @@ at::Tensor noise_op(int64_t numel, int64_t seed, int64_t step, int64_t tensor_id
   at::parallel_for(0, nitems, 1, [&](int64_t a, int64_t b) {
     for (int64_t k = a; k < b; ++k) {
       const int64_t e0 = k * CHUNK;
-      t->fill(dist, st, e0, std::min<int64_t>(CHUNK, numel - e0), o + e0);
+      t->fill(dist, st, element_offset + e0, std::min<int64_t>(CHUNK, numel - e0), o + e0);
     }
   });
   return out;
@@ -273,8 +287,10 @@ struct NormPartials {
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> norms_op(at::TensorList params, int64_t seed,
                                                                       int64_t step, at::IntArrayRef tensor_ids,
                                                                       int64_t sample, std::string distribution,
-                                                                      bool filter) {
-  std::vector<Job> jobs = make_jobs(params, {}, 0.0, seed, step, tensor_ids, sample, distribution, filter);
+                                                                      bool filter,
+                                                                      at::OptionalIntArrayRef element_offsets) {
+  std::vector<Job> jobs =
+      make_jobs(params, {}, 0.0, seed, step, tensor_ids, sample, distribution, filter, element_offsets);
   const std::vector<Item> items = make_items(jobs);
   NormPartials parts(jobs, items);
   const KernelTable* t = active();
@@ -292,8 +308,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> norms_op(at::Tensor
 
 void perturb_op(at::TensorList params, at::TensorList scales, double coef, int64_t seed, int64_t step,
                 at::IntArrayRef tensor_ids, int64_t sample, std::string distribution, bool filter,
-                c10::optional<at::TensorList> sources) {
-  std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
+                c10::optional<at::TensorList> sources, at::OptionalIntArrayRef element_offsets) {
+  std::vector<Job> jobs =
+      make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, element_offsets);
   check_sources(sources, params);
   const KernelTable* t = active();
   run_items(jobs, [&](int32_t j, const Range& r) {
@@ -304,8 +321,9 @@ void perturb_op(at::TensorList params, at::TensorList scales, double coef, int64
 
 void restore_op(at::TensorList params, at::TensorList grads, at::TensorList scales, double coef, double grad_scale,
                 int64_t seed, int64_t step, at::IntArrayRef tensor_ids, int64_t sample, std::string distribution,
-                bool filter, c10::optional<at::TensorList> sources) {
-  std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
+                bool filter, c10::optional<at::TensorList> sources, at::OptionalIntArrayRef element_offsets) {
+  std::vector<Job> jobs =
+      make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, element_offsets);
   check_sources(sources, params);
   TORCH_CHECK(grads.size() == params.size(), "ssgd_fused: grads has ", grads.size(), " entries for ",
               params.size(), " params");
@@ -364,8 +382,10 @@ void restore_update_sgd_op(at::TensorList params, at::TensorList grads, at::Tens
                            at::IntArrayRef tensor_ids, int64_t sample, std::string distribution, bool filter,
                            c10::optional<at::TensorList> sources, double lr, double momentum, double dampening,
                            double weight_decay, bool nesterov, bool maximize, c10::List<bool> init_momentum,
-                           at::TensorList next_w_sq, at::TensorList next_u_sq, int64_t next_step) {
-  std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
+                           at::TensorList next_w_sq, at::TensorList next_u_sq, int64_t next_step,
+                           at::OptionalIntArrayRef element_offsets) {
+  std::vector<Job> jobs =
+      make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, element_offsets);
   check_sources(sources, params);
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, "ssgd_fused: grads has ", grads.size(), " entries for ", n, " params");
@@ -401,8 +421,9 @@ void restore_update_adam_op(at::TensorList params, at::TensorList grads, at::Ten
                             c10::optional<at::TensorList> sources, at::ArrayRef<double> steps, double lr,
                             double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                             bool amsgrad, bool maximize, at::TensorList next_w_sq, at::TensorList next_u_sq,
-                            int64_t next_step) {
-  std::vector<Job> jobs = make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter);
+                            int64_t next_step, at::OptionalIntArrayRef element_offsets) {
+  std::vector<Job> jobs =
+      make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, element_offsets);
   check_sources(sources, params);
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,

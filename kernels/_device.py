@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from ._noise import noise_chunk, noise_sq_chunk, store_value
-from ._tables import NCOL, NUMEL, ROWLEN, SOFF, SRC, TID, G, W
+from ._tables import NCOL, NOFF, NUMEL, ROWLEN, SOFF, SRC, TID, G, W
 
 
 @triton.jit
@@ -23,13 +23,14 @@ def ptr(meta, t, C: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def chunk_of(meta, chunks, BLOCK: tl.constexpr):
-    """(tensor, first element, numel, element offsets, mask) of this program's chunk."""
+    """(tensor, first element, numel, element offsets, mask) of this program's chunk. A shard's first
+    chunk may start below element 0 (its chunks lie on the full tensor's BLOCK boundaries): masked."""
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     n = col(meta, t, NUMEL)
     offs = start + tl.arange(0, BLOCK)
-    return t, start, n, offs, offs < n
+    return t, start, n, offs, (offs >= 0) & (offs < n)
 
 
 @triton.jit
@@ -47,7 +48,7 @@ def displaced(meta, t, start, offs, mask, sflat, coef, seed, c1hi, step, DT: tl.
             s = tl.load(sflat + soff + offs // col(meta, t, ROWLEN), mask=mask, other=0.0)
         else:
             s = tl.load(sflat + soff)
-        u = noise_chunk(seed, start, c1hi, col(meta, t, TID), step, DIST, BLOCK)
+        u = noise_chunk(seed, start + col(meta, t, NOFF), c1hi, col(meta, t, TID), step, DIST, BLOCK)
         w = w + (coef * s) * u
     return w
 
@@ -72,5 +73,12 @@ def store_weights_and_next_norms(meta, t, start, n, offs, mask, w_new, part, see
         pid = tl.program_id(0)
         wq = tl.load(wp + offs, mask=mask, other=0.0).to(tl.float64)
         tl.store(part + 2 * pid, tl.sum(wq * wq, axis=0))
-        u2 = noise_sq_chunk(seed, start, n, c1hi, col(meta, t, TID), next_step, DIST, BLOCK)
-        tl.store(part + 2 * pid + 1, u2.to(tl.float64))
+        tl.store(part + 2 * pid + 1, chunk_u_sq(meta, t, start, n, seed, c1hi, next_step, DIST, BLOCK))
+
+
+@triton.jit
+def chunk_u_sq(meta, t, start, n, seed, c1hi, step, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """||u||^2 (float64) of the chunk's elements of tensor t, in the full tensor's stream indices."""
+    noff = col(meta, t, NOFF)
+    u2 = noise_sq_chunk(seed, start + noff, noff, noff + n, c1hi, col(meta, t, TID), step, DIST, BLOCK)
+    return u2.to(tl.float64)

@@ -3,7 +3,9 @@ the quadrant taken from the integer bits of the angle word and short polynomials
 quarter turn (ssgd_fused.noise.SINCOS_POLY, as in csrc/noise_consts.h), and storage conversions.
 
 Element order: a chunk of BLOCK elements starting at a multiple of 128 takes BLOCK // 4 Philox
-blocks (one call per four gaussian or uniform values) or BLOCK // 128 blocks (rademacher)."""
+blocks (one call per four gaussian or uniform values) or BLOCK // 128 blocks (rademacher). Element
+indices here are the stream's (global) ones: a shard's chunks are laid out so that they start on
+such a boundary of the full tensor (kernels/_tables.py)."""
 
 import triton
 import triton.language as tl
@@ -109,7 +111,8 @@ def _pick(k, a, b, c, d):
 @triton.jit
 def noise_at(seed, offs, c1hi, tid, step, DIST: tl.constexpr):
     """The spec's noise at arbitrary int64 element indices `offs` (one Philox call per element:
-    for chunks that do not start on a block boundary, e.g. rows in the filter scope's norm pass)."""
+    for chunks that do not start on a block boundary, e.g. rows in the filter scope's norm pass).
+    Gaussian: the element's word pair is picked first, so one Box-Muller per element."""
     if DIST == RADEMACHER:
         x0, x1, x2, x3 = _words(seed, offs >> 7, c1hi, tid, step)
         k = offs & 127
@@ -119,36 +122,42 @@ def noise_at(seed, offs, c1hi, tid, step, DIST: tl.constexpr):
         x0, x1, x2, x3 = _words(seed, offs >> 2, c1hi, tid, step)
         a = offs & 3
         if DIST == GAUSSIAN:
-            z0, z1 = _box_muller(x0, x1)
-            z2, z3 = _box_muller(x2, x3)
-            u = _pick(a, z0, z1, z2, z3)
+            hi = a >= 2
+            zc, zs = _box_muller(tl.where(hi, x2, x0), tl.where(hi, x3, x1))
+            u = tl.where((a & 1) != 0, zs, zc)
         else:
             u = _uniform(_pick(a, x0, x1, x2, x3)) * 2.0 - 1.0
     return u
 
 
 @triton.jit
-def noise_sq_chunk(seed, start, n, c1hi, tid, step, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """Sum of u^2 over elements start .. min(start + BLOCK, n) - 1, float32."""
+def _inside(e, lo, hi):
+    return (e >= lo) & (e < hi)
+
+
+@triton.jit
+def noise_sq_chunk(seed, start, lo, hi, c1hi, tid, step, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Sum of u^2 over the elements of start .. start + BLOCK - 1 (start a multiple of 128) that lie
+    in [lo, hi), float32: the chunk's part of the tensor (or shard) [lo, hi), in stream indices."""
     if DIST == RADEMACHER:
-        return (tl.minimum(n - start, BLOCK)).to(tl.float32)
+        return (tl.minimum(hi - start, BLOCK) - tl.maximum(lo - start, 0)).to(tl.float32)
     elif DIST == GAUSSIAN:
-        # whole blocks by r^2 = -2 ln u (no sin/cos); a ragged last block is generated
+        # whole blocks by r^2 = -2 ln u (no sin/cos); ragged first / last blocks are generated
         nb4: tl.constexpr = BLOCK // 4
         blocks = (start // 4 + tl.arange(0, nb4)).to(tl.int64)
         x0, x1, x2, x3 = _words(seed, blocks, c1hi, tid, step)
         e = start + tl.arange(0, nb4).to(tl.int64) * 4
-        whole = (e + 4) <= n
+        whole = (e >= lo) & ((e + 4) <= hi)
         r2 = tl.where(whole, _m2log(x0) + _m2log(x2), 0.0)
         z0, z1 = _box_muller(x0, x1)
         z2, z3 = _box_muller(x2, x3)
-        part = tl.where(e < n, z0 * z0, 0.0) + tl.where(e + 1 < n, z1 * z1, 0.0) + \
-            tl.where(e + 2 < n, z2 * z2, 0.0) + tl.where(e + 3 < n, z3 * z3, 0.0)
+        part = tl.where(_inside(e, lo, hi), z0 * z0, 0.0) + tl.where(_inside(e + 1, lo, hi), z1 * z1, 0.0) + \
+            tl.where(_inside(e + 2, lo, hi), z2 * z2, 0.0) + tl.where(_inside(e + 3, lo, hi), z3 * z3, 0.0)
         return tl.sum(tl.where(whole, r2, part), axis=0)
     else:
         u = noise_chunk(seed, start, c1hi, tid, step, DIST, BLOCK)
         offs = start + tl.arange(0, BLOCK)
-        return tl.sum(tl.where(offs < n, u * u, 0.0), axis=0)
+        return tl.sum(tl.where(_inside(offs, lo, hi), u * u, 0.0), axis=0)
 
 
 @triton.jit

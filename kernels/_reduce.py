@@ -7,30 +7,26 @@ import triton
 import triton.language as tl
 
 from . import _tables as T
-from ._device import col, ptr
-from ._noise import noise_at, noise_sq_chunk
-from ._tables import NUMEL, TID, W
+from ._device import chunk_of, chunk_u_sq, col, ptr
+from ._noise import noise_at
+from ._tables import NOFF, TID, W
 
 
 @triton.jit
 def _norms_partial(meta, chunks, part, seed, c1hi, step, DT: tl.constexpr, DIST: tl.constexpr,
                    BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = col(meta, t, NUMEL)
-    offs = start + tl.arange(0, BLOCK)
-    w = tl.load(ptr(meta, t, W, DT) + offs, mask=offs < n, other=0.0).to(tl.float64)
+    t, start, n, offs, mask = chunk_of(meta, chunks, BLOCK)
+    w = tl.load(ptr(meta, t, W, DT) + offs, mask=mask, other=0.0).to(tl.float64)
     tl.store(part + 2 * pid, tl.sum(w * w, axis=0))
-    u2 = noise_sq_chunk(seed, start, n, c1hi, col(meta, t, TID), step, DIST, BLOCK)
-    tl.store(part + 2 * pid + 1, u2.to(tl.float64))
+    tl.store(part + 2 * pid + 1, chunk_u_sq(meta, t, start, n, seed, c1hi, step, DIST, BLOCK))
 
 
 @triton.jit
 def _norms_rows_partial(meta, chunks, part, seed, c1hi, step, DT: tl.constexpr, DIST: tl.constexpr,
                         BLOCK: tl.constexpr):
     """Filter scope: chunks lie inside one row and may start anywhere, so the noise is generated
-    per element (noise_at)."""
+    per element (noise_at), at the full tensor's indices (NOFF + local)."""
     pid = tl.program_id(0)
     t = tl.load(chunks + 3 * pid)
     start = tl.load(chunks + 3 * pid + 1)
@@ -39,7 +35,7 @@ def _norms_rows_partial(meta, chunks, part, seed, c1hi, step, DT: tl.constexpr, 
     m = offs < end
     w = tl.load(ptr(meta, t, W, DT) + offs, mask=m, other=0.0).to(tl.float64)
     tl.store(part + 2 * pid, tl.sum(w * w, axis=0))
-    u = noise_at(seed, offs, c1hi, col(meta, t, TID), step, DIST)
+    u = noise_at(seed, offs + col(meta, t, NOFF), c1hi, col(meta, t, TID), step, DIST)
     tl.store(part + 2 * pid + 1, tl.sum(tl.where(m, u * u, 0.0), axis=0).to(tl.float64))
 
 
@@ -67,8 +63,9 @@ def finish(meta, part, nt, device):
     return out
 
 
-def norm_pass(params, seed, step, tensor_ids, sample, distribution, filter):
-    """([||w||^2], [||u||^2]) per tensor (one entry) or per dim-0 slice (filter), float64."""
+def norm_pass(params, seed, step, tensor_ids, sample, distribution, filter, offsets=None):
+    """([||w||^2], [||u||^2]) per tensor (one entry) or per dim-0 slice (filter), float64; `offsets`:
+    the checked element offsets (T.offsets), one per param, or None."""
     seed, c1hi, step32 = T.stream_args(seed, step, sample)
     w2 = [None] * len(params)
     u2 = [None] * len(params)
@@ -76,7 +73,7 @@ def norm_pass(params, seed, step, tensor_ids, sample, distribution, filter):
         dev = params[idx[0]].device
         kw = dict(DT=T.triton_dtype(dtype), DIST=T.DIST[distribution], BLOCK=T.BLOCK, enable_fp_fusion=False)
         if filter:
-            meta, chunks, nchunks, rc, nrows = T.build_rows(idx, params, tensor_ids)
+            meta, chunks, nchunks, rc, nrows = T.build_rows(idx, params, tensor_ids, offsets)
             part = torch.zeros(max(nchunks, 1), 2, dtype=torch.float64, device=dev)
             if nchunks:
                 _norms_rows_partial[(nchunks,)](meta, chunks, part, seed, c1hi, step32, **kw)
@@ -89,7 +86,7 @@ def norm_pass(params, seed, step, tensor_ids, sample, distribution, filter):
                 w2[i], u2[i] = out[r0:r0 + nr, 0].clone(), out[r0:r0 + nr, 1].clone()
                 r0 += nr
             continue
-        meta, chunks, _, nchunks = T.build(idx, params, tensor_ids)
+        meta, chunks, _, nchunks = T.build(idx, params, tensor_ids, offsets=offsets)
         part = torch.zeros(max(nchunks, 1), 2, dtype=torch.float64, device=dev)
         if nchunks:
             _norms_partial[(nchunks,)](meta, chunks, part, seed, c1hi, step32, **kw)
@@ -101,13 +98,13 @@ def norm_pass(params, seed, step, tensor_ids, sample, distribution, filter):
 
 
 def next_norms_into(next_w_sq, next_u_sq, idx, params, meta, part, nchunks, seed, next_step, tensor_ids, sample,
-                    distribution, filter):
+                    distribution, filter, offsets):
     """After an update launch: the next step's norms into next_w_sq / next_u_sq (entries of size 0
     skipped). Tensor scope: from the update kernel's partials; filter scope: a norm pass."""
     dev = params[idx[0]].device
     if filter:
         w2, u2 = norm_pass([params[i] for i in idx], seed, next_step, [tensor_ids[i] for i in idx], sample,
-                           distribution, True)
+                           distribution, True, [offsets[i] for i in idx])
         out = list(zip(w2, u2))
     else:
         fin = finish(meta, part, len(idx), dev) if nchunks else torch.zeros(len(idx), 2, dtype=torch.float64,

@@ -1,13 +1,20 @@
 """Host side of the multi-tensor launches: one launch per pass and dtype, whatever the number of
 tensors. Each program handles one chunk of BLOCK elements of one tensor; the tensors' addresses
 and sizes travel in a small int64 table (one row per tensor, the columns below), the chunks in
-another."""
+another.
+
+Sharded tensors (element_offsets): column NOFF holds the tensor's offset in its full tensor. Its
+chunks are laid out on BLOCK boundaries of the GLOBAL index (the first one starts at local element
+-(NOFF % BLOCK), its lanes below 0 masked), so that every chunk's noise starts on a Philox block
+and the block generator (noise_chunk) serves any offset: at most one extra, partly masked chunk per
+tensor, no per-element generation. With NOFF % BLOCK == 0 the layout is the unsharded one."""
 
 from __future__ import annotations
 
 import torch
 import triton.language as tl
 
+from ..noise import check_element_offsets
 from ..reference import num_slices
 
 BLOCK = 1024  # elements per program (a multiple of 128: chunks start on rademacher blocks)
@@ -26,7 +33,8 @@ CLO = tl.constexpr(9)  # its chunks: [CLO, CHI) in the chunk table
 CHI = tl.constexpr(10)
 ROWLEN = tl.constexpr(11)  # elements per dim-0 slice (filter scope)
 FLAG = tl.constexpr(12)  # a per-tensor flag: SGD's "first step, the momentum buffer is d"
-NCOL = tl.constexpr(13)
+NOFF = tl.constexpr(13)  # element offset in the full tensor: local element e takes noise element NOFF + e
+NCOL = tl.constexpr(14)
 
 KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DIST = {"gaussian": 0, "rademacher": 1, "uniform": 2}
@@ -59,6 +67,11 @@ def check(params, others=(), sources=None):
                 raise RuntimeError(f"ssgd_fused: {name}[{i}] is on {t.device}, params[0] on {params[0].device}")
 
 
+def offsets(params, element_offsets, distribution):
+    """element_offsets checked (ValueError naming it), one int per param (None: zeros)."""
+    return check_element_offsets(element_offsets, [p.numel() for p in params], distribution)
+
+
 def groups_by_dtype(params):
     out = {}
     for i, p in enumerate(params):
@@ -67,9 +80,10 @@ def groups_by_dtype(params):
 
 
 def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=None, b2=None, b3=None, flags=None,
-          filter=False):
+          filter=False, offsets=None):
     """(meta, chunks, scales_flat, nchunks) device tensors for the tensors `idx` of the lists; with
-    `filter`, a tensor's scales hold one entry per slice along dim 0 (row length in ROWLEN)."""
+    `filter`, a tensor's scales hold one entry per slice along dim 0 (row length in ROWLEN); with
+    `offsets` (one int per param), chunks on global BLOCK boundaries (the module's docstring)."""
     rows, chunks = [], []
     flat, off = [], 0
     for k, i in enumerate(idx):
@@ -81,14 +95,16 @@ def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=Non
             soff = off
             flat.append(s.reshape(-1).to(device=p.device, dtype=torch.float32))
             off += s.numel()
+        noff = int(offsets[i]) if offsets is not None else 0
         clo = len(chunks)
-        chunks.extend((k, c) for c in range(0, n, BLOCK))
+        chunks.extend((k, c) for c in range(-(noff % BLOCK) if n else 0, n, BLOCK))
         row = [0] * NCOL.value
         row[W], row[SRC], row[G] = _addr(p), _addr(_at(sources, i)), _addr(_at(grads, i))
         row[B1], row[B2], row[B3] = _addr(_at(b1, i)), _addr(_at(b2, i)), _addr(_at(b3, i))
         row[NUMEL], row[TID], row[SOFF], row[CLO], row[CHI] = n, int(tensor_ids[i]), soff, clo, len(chunks)
         row[ROWLEN] = max(1, n // max(1, num_slices(p, filter)))
         row[FLAG] = int(bool(flags[i])) if flags is not None else 0
+        row[NOFF] = noff
         rows.append(row)
     dev = params[idx[0]].device
     meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
@@ -97,9 +113,10 @@ def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=Non
     return meta, ch, sflat, len(chunks)
 
 
-def build_rows(idx, params, tensor_ids):
+def build_rows(idx, params, tensor_ids, offsets=None):
     """For the filter scope's norm pass: chunks that never cross a row, (tensor, start, end) each,
-    a row's chunks consecutive; and per row the range of its chunks."""
+    a row's chunks consecutive; and per row the range of its chunks. The noise is generated per
+    element there, so a shard's offset (column NOFF) needs no other layout."""
     rows, chunks, row_chunks = [], [], []
     for k, i in enumerate(idx):
         p = params[i]
@@ -108,6 +125,7 @@ def build_rows(idx, params, tensor_ids):
         L = n // nr if nr else 0
         row = [0] * NCOL.value
         row[W], row[NUMEL], row[TID], row[SOFF], row[ROWLEN] = _addr(p), n, int(tensor_ids[i]), -1, max(L, 1)
+        row[NOFF] = int(offsets[i]) if offsets is not None else 0
         rows.append(row)
         for r in range(nr):
             lo = len(chunks)

@@ -55,15 +55,17 @@ def _adam(meta, fmeta, chunks, sflat, part, coef, grad_scale, seed, c1hi, step, 
 def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale, seed, step,
                          tensor_ids, sample, distribution, filter, sources, steps, lr, beta1, beta2, eps,
                          weight_decay, decoupled_weight_decay, amsgrad, maximize, next_w_sq=(), next_u_sq=(),
-                         next_step=0):
+                         next_step=0, element_offsets=None):
     T.check(params, (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                      ("max_exp_avg_sqs", max_exp_avg_sqs if amsgrad else [])), sources)
+    offsets = T.offsets(params, element_offsets, distribution)
     seed, c1hi, step32 = T.stream_args(seed, step, sample)
     next_on = len(next_w_sq) > 0
     w1 = 1 - beta1
     for dtype, idx in T.groups_by_dtype(params).items():
         meta, chunks, sflat, nchunks = T.build(idx, params, tensor_ids, scales, sources, grads, exp_avgs, exp_avg_sqs,
-                                               max_exp_avg_sqs if amsgrad else None, filter=filter)
+                                               max_exp_avg_sqs if amsgrad else None, filter=filter,
+                                               offsets=offsets)
         # per tensor, as torch.optim.adam computes them in Python floats
         fm = [(lr / (1 - beta1 ** steps[i]), math.sqrt(1 - beta2 ** steps[i])) for i in idx]
         dev = params[idx[0]].device
@@ -81,4 +83,4 @@ def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
                               enable_fp_fusion=False)
         if next_on:
             next_norms_into(next_w_sq, next_u_sq, idx, params, meta, part, nchunks, seed, next_step, tensor_ids,
-                            sample, distribution, filter)
+                            sample, distribution, filter, offsets)

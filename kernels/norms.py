@@ -5,6 +5,7 @@ from . import _tables as T
 from ._reduce import norm_pass
 
 
-def norms(params, seed, step, tensor_ids, sample, distribution, filter):
+def norms(params, seed, step, tensor_ids, sample, distribution, filter, element_offsets=None):
     T.check(params)
-    return norm_pass(params, seed, step, tensor_ids, sample, distribution, filter)
+    offsets = T.offsets(params, element_offsets, distribution)
+    return norm_pass(params, seed, step, tensor_ids, sample, distribution, filter, offsets)

@@ -20,11 +20,14 @@ def _perturb(meta, chunks, sflat, coef, grad_scale, seed, c1hi, step, DT: tl.con
         scale_grad(meta, t, offs, mask, grad_scale, DT, KIND)
 
 
-def _launch(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter, sources):
+def _launch(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter, sources,
+            element_offsets):
     T.check(params, (("grads", grads or []),), sources)
+    offsets = T.offsets(params, element_offsets, distribution)
     seed, c1hi, step32 = T.stream_args(seed, step, sample)
     for dtype, idx in T.groups_by_dtype(params).items():
-        meta, chunks, sflat, nchunks = T.build(idx, params, tensor_ids, scales, sources, grads, filter=filter)
+        meta, chunks, sflat, nchunks = T.build(idx, params, tensor_ids, scales, sources, grads, filter=filter,
+                                               offsets=offsets)
         if nchunks:
             _perturb[(nchunks,)](meta, chunks, sflat, float(coef), float(grad_scale), seed, c1hi, step32,
                                  DT=T.triton_dtype(dtype), KIND=T.KIND[dtype], DIST=T.DIST[distribution],
@@ -32,10 +35,13 @@ def _launch(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sam
                                  FILTER=bool(filter), enable_fp_fusion=False)
 
 
-def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None):
-    _launch(params, None, scales, coef, 1.0, seed, step, tensor_ids, sample, distribution, filter, sources)
+def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None,
+             element_offsets=None):
+    _launch(params, None, scales, coef, 1.0, seed, step, tensor_ids, sample, distribution, filter, sources,
+            element_offsets)
 
 
 def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter,
-             sources=None):
-    _launch(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter, sources)
+             sources=None, element_offsets=None):
+    _launch(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter, sources,
+            element_offsets)

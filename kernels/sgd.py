@@ -40,14 +40,16 @@ def _sgd(meta, chunks, sflat, part, coef, grad_scale, seed, c1hi, step, next_ste
 
 def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids, sample,
                         distribution, filter, sources, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                        init_momentum, next_w_sq=(), next_u_sq=(), next_step=0):
+                        init_momentum, next_w_sq=(), next_u_sq=(), next_step=0, element_offsets=None):
     T.check(params, (("grads", grads), ("momentum_buffers", momentum_buffers if momentum else [])), sources)
+    offsets = T.offsets(params, element_offsets, distribution)
     seed, c1hi, step32 = T.stream_args(seed, step, sample)
     next_on = len(next_w_sq) > 0
     for dtype, idx in T.groups_by_dtype(params).items():
         meta, chunks, sflat, nchunks = T.build(idx, params, tensor_ids, scales, sources, grads,
                                                momentum_buffers if momentum else None,
-                                               flags=init_momentum if momentum else None, filter=filter)
+                                               flags=init_momentum if momentum else None, filter=filter,
+                                               offsets=offsets)
         part = torch.zeros(max(nchunks, 1), 2, dtype=torch.float64, device=params[idx[0]].device)
         if nchunks:
             _sgd[(nchunks,)](meta, chunks, sflat, part, float(coef), float(grad_scale), seed, c1hi, step32,
@@ -59,4 +61,4 @@ def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scal
                              enable_fp_fusion=False)
         if next_on:
             next_norms_into(next_w_sq, next_u_sq, idx, params, meta, part, nchunks, seed, next_step, tensor_ids,
-                            sample, distribution, filter)
+                            sample, distribution, filter, offsets)

@@ -18,6 +18,11 @@ Philox-4x32-10 (Salmon et al. 2011, as in Random123 / at::Philox4_32 / tl.philox
     rademacher  block = e >> 7; bit k = e & 127 (word k >> 5, bit k & 31); +1 if set else -1
     uniform_sym block = e >> 2, word e & 3; 2 * uniform(x) - 1
 
+Sharded tensors (e.g. FSDP2's Shard(0)): an op given ``element_offsets`` perturbs tensor i's local
+element e with the noise of element ``element_offsets[i] + e`` of the full tensor (same seed, step,
+tensor_id, sample), so every rank sees exactly the unsharded noise; a shard may start inside a
+Philox block (4 elements for gaussian / uniform, 128 for rademacher).
+
 The reference evaluates the transcendentals in float64 and rounds once to float32, so it is the
 most accurate float32 rendering of the spec; fast backends use polynomials and must stay within
 ``|dz| <= 2e-6 * max(1, |z|)`` of it.
@@ -41,6 +46,7 @@ __all__ = [
     "uniform_sym",
     "generate",
     "check_stream_args",
+    "check_element_offsets",
 ]
 
 SPEC_VERSION = 1
@@ -131,50 +137,86 @@ def uniform01(x: torch.Tensor) -> torch.Tensor:
     return ((x >> 9) * 2 + 1).to(torch.float64) * 2.0**-24
 
 
-def _check_numel(numel: int, per_block: int) -> int:
+def _check_numel(numel: int, per_block: int, start: int = 0) -> tuple[int, int]:
+    """(first block, number of blocks) that hold elements start .. start + numel - 1."""
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be a non-negative int, got {numel!r}")
-    nblocks = -(-numel // per_block)
-    if nblocks > _MAX_BLOCKS:
-        raise ValueError(f"numel={numel} exceeds the spec's counter range ({per_block} * 2**48 elements)")
-    return nblocks
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be a non-negative int, got {start!r}")
+    if start + numel > per_block * _MAX_BLOCKS:
+        what = f"start + numel={start + numel}" if start else f"numel={numel}"
+        raise ValueError(f"{what} exceeds the spec's counter range ({per_block} * 2**48 elements)")
+    first = start // per_block
+    return first, -(-(start + numel) // per_block) - first
 
 
-def gaussian(numel: int, seed: int, step: int, tensor_id: int, sample: int = 0) -> torch.Tensor:
-    """Standard normal stream of length numel (float32, CPU), element e from block e >> 2."""
-    nblocks = _check_numel(numel, 4)
-    x = philox_words(nblocks, seed, step, tensor_id, sample)
+def check_element_offsets(element_offsets, numels, distribution: str) -> list[int]:
+    """The per-tensor element offsets of a sharded op as a list of ints (None: all zeros).
+
+    Tensor i's local element e is element element_offsets[i] + e of the full tensor's stream, so
+    each offset must be >= 0 and offset + numel within the spec's counter range. Raises ValueError
+    naming the argument."""
+    numels = list(numels)
+    if element_offsets is None:
+        return [0] * len(numels)
+    offs = list(element_offsets)
+    if len(offs) != len(numels):
+        raise ValueError(f"element_offsets has {len(offs)} entries for {len(numels)} params")
+    per_block = 128 if distribution == "rademacher" else 4
+    for i, (o, n) in enumerate(zip(offs, numels)):
+        if isinstance(o, bool) or not isinstance(o, int):
+            raise ValueError(f"element_offsets[{i}] must be an int, got {o!r}")
+        if o < 0:
+            raise ValueError(f"element_offsets[{i}] must be >= 0, got {o}")
+        if o + n > per_block * _MAX_BLOCKS:
+            raise ValueError(f"element_offsets[{i}] + numel = {o + n} exceeds the spec's counter range "
+                             f"({per_block} * 2**48 elements for {distribution})")
+    return offs
+
+
+def gaussian(numel: int, seed: int, step: int, tensor_id: int, sample: int = 0, start: int = 0) -> torch.Tensor:
+    """Standard normal stream (float32, CPU): elements start .. start + numel - 1, element e from
+    block e >> 2."""
+    first, nblocks = _check_numel(numel, 4, start)
+    x = philox_words(nblocks, seed, step, tensor_id, sample, first_block=first)
     out = torch.empty(nblocks, 4, dtype=torch.float64)
     for a, b in ((0, 1), (2, 3)):
         r = torch.sqrt(-2.0 * torch.log(uniform01(x[:, a])))
         th = (2.0 * math.pi) * uniform01(x[:, b])
         out[:, a] = r * torch.cos(th)
         out[:, b] = r * torch.sin(th)
-    return out.reshape(-1)[:numel].to(torch.float32)
+    k = start - 4 * first
+    return out.reshape(-1)[k:k + numel].to(torch.float32)
 
 
-def rademacher(numel: int, seed: int, step: int, tensor_id: int, sample: int = 0) -> torch.Tensor:
-    """+-1 stream of length numel (float32, CPU): element e is bit e & 127 of block e >> 7."""
-    nblocks = _check_numel(numel, 128)
-    x = philox_words(nblocks, seed, step, tensor_id, sample)
+def rademacher(numel: int, seed: int, step: int, tensor_id: int, sample: int = 0, start: int = 0) -> torch.Tensor:
+    """+-1 stream (float32, CPU): elements start .. start + numel - 1, element e is bit e & 127 of
+    block e >> 7."""
+    first, nblocks = _check_numel(numel, 128, start)
+    x = philox_words(nblocks, seed, step, tensor_id, sample, first_block=first)
     bits = (x.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1  # (nblocks, word, bit)
-    return (bits.reshape(-1)[:numel] * 2 - 1).to(torch.float32)
+    k = start - 128 * first
+    return (bits.reshape(-1)[k:k + numel] * 2 - 1).to(torch.float32)
 
 
-def uniform_sym(numel: int, seed: int, step: int, tensor_id: int, sample: int = 0) -> torch.Tensor:
-    """Uniform stream on (-1, 1) of length numel (float32, CPU), element e = word e & 3 of block e >> 2."""
-    nblocks = _check_numel(numel, 4)
-    x = philox_words(nblocks, seed, step, tensor_id, sample)
-    return (2.0 * uniform01(x) - 1.0).reshape(-1)[:numel].to(torch.float32)
+def uniform_sym(numel: int, seed: int, step: int, tensor_id: int, sample: int = 0, start: int = 0) -> torch.Tensor:
+    """Uniform stream on (-1, 1) (float32, CPU): elements start .. start + numel - 1, element e =
+    word e & 3 of block e >> 2."""
+    first, nblocks = _check_numel(numel, 4, start)
+    x = philox_words(nblocks, seed, step, tensor_id, sample, first_block=first)
+    k = start - 4 * first
+    return (2.0 * uniform01(x) - 1.0).reshape(-1)[k:k + numel].to(torch.float32)
 
 
 _GENERATORS = {"gaussian": gaussian, "rademacher": rademacher, "uniform": uniform_sym}
 
 
-def generate(distribution: str, numel: int, seed: int, step: int, tensor_id: int, sample: int = 0) -> torch.Tensor:
-    """The stream of the named distribution ("gaussian", "rademacher" or "uniform")."""
+def generate(distribution: str, numel: int, seed: int, step: int, tensor_id: int, sample: int = 0,
+             start: int = 0) -> torch.Tensor:
+    """Elements start .. start + numel - 1 of the named distribution's stream ("gaussian",
+    "rademacher" or "uniform"); only the Philox blocks that hold them are generated."""
     try:
         gen = _GENERATORS[distribution]
     except KeyError:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}") from None
-    return gen(numel, seed, step, tensor_id, sample)
+    return gen(numel, seed, step, tensor_id, sample, start)

@@ -14,29 +14,33 @@ import torch
 LIB = "ssgd_fused"
 
 _NOISE_ARGS = "int seed, int step, int[] tensor_ids, int sample, str distribution, bool filter"
+# Sharded tensors (FSDP2 Shard(0)): tensor i's local element e takes the noise of the full tensor's
+# element element_offsets[i] + e; None means all zeros. The last argument of every noise op.
+_OFFSETS = "int[]? element_offsets=None"
 
 SCHEMAS = {
-    "noise": "(int numel, int seed, int step, int tensor_id, int sample, str distribution) -> Tensor",
-    "norms": f"(Tensor[] params, {_NOISE_ARGS}) -> (Tensor[], Tensor[])",
+    "noise": ("(int numel, int seed, int step, int tensor_id, int sample, str distribution, "
+              "int element_offset=0) -> Tensor"),
+    "norms": f"(Tensor[] params, {_NOISE_ARGS}, {_OFFSETS}) -> (Tensor[], Tensor[])",
     "perturb_": (
-        f"(Tensor(a!)[] params, Tensor[] scales, float coef, {_NOISE_ARGS}, Tensor[]? sources) -> ()"
+        f"(Tensor(a!)[] params, Tensor[] scales, float coef, {_NOISE_ARGS}, Tensor[]? sources, {_OFFSETS}) -> ()"
     ),
     "restore_": (
         "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] scales, float coef, float grad_scale, "
-        f"{_NOISE_ARGS}, Tensor[]? sources) -> ()"
+        f"{_NOISE_ARGS}, Tensor[]? sources, {_OFFSETS}) -> ()"
     ),
     "restore_update_sgd_": (
         "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor[] scales, "
         f"float coef, float grad_scale, {_NOISE_ARGS}, Tensor[]? sources, float lr, float momentum, "
         "float dampening, float weight_decay, bool nesterov, bool maximize, bool[] init_momentum, "
-        "Tensor(d!)[] next_w_sq, Tensor(e!)[] next_u_sq, int next_step) -> ()"
+        f"Tensor(d!)[] next_w_sq, Tensor(e!)[] next_u_sq, int next_step, {_OFFSETS}) -> ()"
     ),
     "restore_update_adam_": (
         "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
         "Tensor(e!)[] max_exp_avg_sqs, Tensor[] scales, float coef, float grad_scale, "
         f"{_NOISE_ARGS}, Tensor[]? sources, float[] steps, float lr, float beta1, float beta2, "
         "float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize, "
-        "Tensor(f!)[] next_w_sq, Tensor(g!)[] next_u_sq, int next_step) -> ()"
+        f"Tensor(f!)[] next_w_sq, Tensor(g!)[] next_u_sq, int next_step, {_OFFSETS}) -> ()"
     ),
 }
 
@@ -47,12 +51,12 @@ for _name, _schema in SCHEMAS.items():
 
 # ---- fake (meta) implementations: shapes only, for torch.compile and opcheck ------------------
 @torch.library.register_fake(f"{LIB}::noise")
-def _noise_fake(numel, seed, step, tensor_id, sample, distribution):
+def _noise_fake(numel, seed, step, tensor_id, sample, distribution, element_offset=0):
     return torch.empty(numel, dtype=torch.float32)
 
 
 @torch.library.register_fake(f"{LIB}::norms")
-def _norms_fake(params, seed, step, tensor_ids, sample, distribution, filter):
+def _norms_fake(params, seed, step, tensor_ids, sample, distribution, filter, element_offsets=None):
     from .reference import num_slices
 
     shapes = [num_slices(p, filter) for p in params]
@@ -144,13 +148,18 @@ def _op(name):
     return getattr(torch.ops.ssgd_fused, name)
 
 
-def noise(numel, seed, step, tensor_id, sample, distribution):
+def _offs(element_offsets):
+    return None if element_offsets is None else [int(o) for o in element_offsets]
+
+
+def noise(numel, seed, step, tensor_id, sample, distribution, element_offset=0):
     _load_cpp()
-    return _op("noise")(numel, seed_to_i64(seed), step, tensor_id, sample, distribution)
+    return _op("noise")(numel, seed_to_i64(seed), step, tensor_id, sample, distribution, element_offset)
 
 
-def norms(params, seed, step, tensor_ids, sample, distribution, filter):
-    return _op("norms")(params, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter)
+def norms(params, seed, step, tensor_ids, sample, distribution, filter, element_offsets=None):
+    return _op("norms")(params, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter,
+                        _offs(element_offsets))
 
 
 def _bump(*lists):
@@ -161,36 +170,38 @@ def _bump(*lists):
             torch.autograd.graph.increment_version(ts)
 
 
-def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None):
+def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None,
+             element_offsets=None):
     _op("perturb_")(params, scales, coef, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter,
-                    sources)
+                    sources, _offs(element_offsets))
     _bump(params)
 
 
 def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter,
-             sources=None):
+             sources=None, element_offsets=None):
     _op("restore_")(params, grads, scales, coef, grad_scale, seed_to_i64(seed), step, tensor_ids, sample,
-                    distribution, filter, sources)
+                    distribution, filter, sources, _offs(element_offsets))
     _bump(params, grads)
 
 
 def restore_update_sgd_(params, grads, momentum_buffers, scales, coef, grad_scale, seed, step, tensor_ids,
                         sample, distribution, filter, sources, lr, momentum, dampening, weight_decay,
-                        nesterov, maximize, init_momentum, next_w_sq=(), next_u_sq=(), next_step=0):
+                        nesterov, maximize, init_momentum, next_w_sq=(), next_u_sq=(), next_step=0,
+                        element_offsets=None):
     _op("restore_update_sgd_")(params, grads, momentum_buffers, scales, coef, grad_scale, seed_to_i64(seed), step,
                                tensor_ids, sample, distribution, filter, sources, lr, momentum, dampening,
                                weight_decay, nesterov, maximize, init_momentum, list(next_w_sq), list(next_u_sq),
-                               next_step)
+                               next_step, _offs(element_offsets))
     _bump(params, grads, momentum_buffers)
 
 
 def restore_update_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
                          seed, step, tensor_ids, sample, distribution, filter, sources, steps, lr, beta1,
                          beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, next_w_sq=(),
-                         next_u_sq=(), next_step=0):
+                         next_u_sq=(), next_step=0, element_offsets=None):
     _op("restore_update_adam_")(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scales, coef, grad_scale,
                                 seed_to_i64(seed), step, tensor_ids, sample, distribution, filter, sources,
                                 [float(s) for s in steps], lr, beta1, beta2, eps, weight_decay,
                                 decoupled_weight_decay, amsgrad, maximize, list(next_w_sq), list(next_u_sq),
-                                next_step)
+                                next_step, _offs(element_offsets))
     _bump(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
