@@ -5,6 +5,7 @@ import torch
 
 from ssgd_fused import ops
 from ssgd_fused import reference as ref
+from tests import shards as S
 from tests.helpers import require_cpp
 from tests.tolerances import DTYPES, GAUSS_TOL, TOL, describe
 
@@ -396,3 +397,134 @@ def test_16bit_conversions_exhaustive(isa, dtype):
         want = (finite.float() * scale).to(dtype)
         ok = (grads.view(torch.int16) == want.view(torch.int16)) | (want.isnan() & grads.isnan())
         assert bool(ok.all()), (scale, int((~ok).sum()))
+
+
+# ---- sharded tensors: element_offsets ---------------------------------------------------------------
+FILTER = pytest.mark.parametrize("filter", [False, True], ids=["tensor", "filter"])
+
+
+@pytest.mark.parametrize("op", list(S.CHECKS))
+@FILTER
+@pytest.mark.parametrize("dist", DISTS)
+def test_sharded_equals_full(isa, op, dist, filter):
+    """Each op on row-shards (offsets 0, 1, 3, 5, 127, 129, 4099, 35, 63, 40002, ...: inside 4- and
+    128-element Philox blocks, shards spanning several work items) gives the full tensor's slice:
+    values exact for the integer streams, norms the shards' sums (tensor) or rows (filter)."""
+    S.CHECKS[op](ops, S.Problem(list(S.CASES), torch.float32, dist, filter))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe)
+@pytest.mark.parametrize("dist", DISTS)
+def test_sharded_perturb_16bit(isa, dtype, dist):
+    S.check_perturb(ops, S.Problem(S.SMALL, dtype, dist, True))
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_noise_element_offset(isa, dist):
+    for k in (0, 1, 3, 5, 127, 128, 129, 4099, 40001):
+        for n in (1, 3, 130, 40000):
+            out = ops.noise(n, SEED, 7, 3, 1, dist, k)
+            assert torch.equal(out, ops.noise(k + n, SEED, 7, 3, 1, dist)[k:]), (k, n)
+    # far offsets (blocks above 2**32, the last blocks of the counter range) against the reference
+    top = (128 if dist == "rademacher" else 4) << 48
+    for k in (2**34 + 3, top - 1000):
+        out = ops.noise(1000, SEED, 7, 3, 1, dist, k)
+        want = ref.noise_like(torch.empty(1000), SEED, 7, 3, 1, dist, k)
+        torch.testing.assert_close(out, want, rtol=0, atol=GAUSS_TOL * 6 if dist == "gaussian" else 0)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_far_offsets_match_the_reference(isa, dist):
+    """Offsets above 2**32 blocks and at the end of the counter range: norms and perturb_ against the
+    reference (which generates only the blocks it needs)."""
+    params = make_params([(7, 13), (65537,), (3,)], torch.float32)
+    top = (128 if dist == "rademacher" else 4) << 48
+    offs = [2**34 + 1, 2**40 + 4099, top - 3]
+    tids = [1, 2, 3]
+    for filter in (False, True):
+        w2, u2 = ops.norms(params, SEED, 5, tids, 0, dist, filter, offs)
+        rw2, ru2 = ref.norms(params, SEED, 5, tids, 0, dist, filter, offs)
+        for a, b in zip(w2 + u2, rw2 + ru2):
+            torch.testing.assert_close(a, b, rtol=1e-6 if dist == "gaussian" else 1e-12, atol=0)
+        scales = ref.scales_from_norms(rw2, ru2, [0.5] * 3)
+        got, want = [p.clone() for p in params], [p.clone() for p in params]
+        ops.perturb_(got, scales, 1.0, SEED, 5, tids, 0, dist, filter, None, offs)
+        ref.perturb_(want, scales, 1.0, SEED, 5, tids, 0, dist, filter, None, offs)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **noise_tol(torch.float32, scales, dist))
+
+
+def test_sharded_bitwise_identical_with_one_and_two_threads(cpp):
+    shapes = [(3000, 77), (65537,), (9, 5, 3, 3)]
+    offs = [3 * 77 * 1000 + 5, 129, 4099]
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            out = []
+            for dist, filter in (("gaussian", True), ("gaussian", False), ("uniform", False)):
+                params = make_params(shapes, torch.float32)
+                w2, u2 = ops.norms(params, SEED, 1, [0, 1, 2], 0, dist, filter, offs)
+                scales = ref.scales_from_norms(w2, u2, [0.5] * 3)
+                grads = make_params(shapes, torch.float32, gen_seed=1)
+                bufs = [torch.zeros_like(p) for p in params]
+                nw = [torch.empty(ref.num_slices(p, filter), dtype=torch.float64) for p in params]
+                nu = [torch.empty(ref.num_slices(p, filter), dtype=torch.float64) for p in params]
+                ops.restore_update_sgd_(params, grads, bufs, scales, 1.0, 0.5, SEED, 1, [0, 1, 2], 0, dist, filter,
+                                        None, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True,
+                                        maximize=False, init_momentum=[False] * 3, next_w_sq=nw, next_u_sq=nu,
+                                        next_step=2, element_offsets=offs)
+                out += [w2, u2, params, bufs, nw, nu]
+            results.append(out)
+        finally:
+            torch.set_num_threads(2)
+    for a, b in zip(results[0], results[1]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_offsets_none_and_zeros_are_bit_identical(isa):
+    params = make_params(SHAPES, torch.float32)
+    tids = list(range(len(params)))
+    for dist in DISTS:
+        for filter in (False, True):
+            a = ops.norms(params, SEED, 5, tids, 0, dist, filter)
+            b = ops.norms(params, SEED, 5, tids, 0, dist, filter, [0] * len(params))
+            for x, y in zip(a[0] + a[1], b[0] + b[1]):
+                assert torch.equal(x, y)
+            scales = ref.scales_from_norms(*a, [0.5] * len(params))
+            x, y = [p.clone() for p in params], [p.clone() for p in params]
+            ops.perturb_(x, scales, 1.0, SEED, 5, tids, 0, dist, filter)
+            ops.perturb_(y, scales, 1.0, SEED, 5, tids, 0, dist, filter, None, [0] * len(params))
+            assert all(torch.equal(u, v) for u, v in zip(x, y))
+
+
+@pytest.mark.parametrize("offs,match", [
+    ([0], "element_offsets has 1 entries for 2 params"),
+    ([0, -1], "element_offsets\\[1\\] must be >= 0"),
+    ([0, (4 << 48) - 12], "element_offsets\\[1\\] \\+ numel .* exceeds the spec's counter range"),
+])
+def test_bad_element_offsets_named(cpp, offs, match):
+    p = [torch.randn(6, 5), torch.randn(13)]
+    s = [torch.ones(1, dtype=torch.float64)] * 2
+    with pytest.raises(RuntimeError, match=match):
+        ops.norms(p, 0, 0, [0, 1], 0, "gaussian", False, offs)
+    with pytest.raises(RuntimeError, match=match):
+        ops.perturb_(p, s, 1.0, 0, 0, [0, 1], 0, "uniform", False, None, offs)
+    with pytest.raises(RuntimeError, match=match):
+        ops.restore_update_sgd_(p, [x.clone() for x in p], [], s, 1.0, 1.0, 0, 0, [0, 1], 0, "gaussian", False, None,
+                                0.1, 0.0, 0.0, 0.0, False, False, [], element_offsets=offs)
+    assert ops.norms(p, 0, 0, [0, 1], 0, "rademacher", False, [0, (4 << 48) - 12])  # rademacher: 128 * 2**48
+    with pytest.raises(RuntimeError, match="element_offset must be >= 0"):
+        ops.noise(4, 0, 0, 0, 0, "gaussian", -1)
+    with pytest.raises(RuntimeError, match="element_offset \\+ numel"):
+        ops.noise(4, 0, 0, 0, 0, "gaussian", (4 << 48) - 3)
+
+
+@pytest.mark.parametrize("name", ["norms", "perturb_", "restore_", "restore_update_sgd_", "restore_update_adam_"])
+def test_opcheck_with_element_offsets(cpp, name):
+    args = _opcheck_samples()[name] + ([5, 2**34 + 3],)
+    if name.startswith("restore_update"):  # with the next step's norms, which take the offsets too
+        nw = [torch.empty(1, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+        args = args[:-4] + (nw, [t.clone() for t in nw], 4, args[-1])
+    torch.library.opcheck(getattr(torch.ops.ssgd_fused, name), args)
