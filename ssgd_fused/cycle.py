@@ -93,6 +93,7 @@ class NoiseCycle:
         self._noise_norms: dict = {}  # {"key": (seed, step, ...), "entries": {p: (tensor id, numel, u_sq)}}
         self.pass_index: int | None = None  # the pass running now (None outside the passes)
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
+        self._alpha_vector: tuple = (None, None)  # (alphas, counts, device), the alphas per norm on the device
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def params(self):
@@ -154,8 +155,25 @@ class NoiseCycle:
         plan.sample = self.passes_of(self.step)[0][0]
         if params:
             w_sq, u_sq = self._measure(plan)
-            plan.scales = _reference.scales_from_norms(w_sq, u_sq, plan.alphas)
+            plan.scales = self._scales(w_sq, u_sq, plan.alphas)
         return plan
+
+    def _scales(self, w_sq, u_sq, alphas):
+        """reference.scales_from_norms (s = alpha ||w|| / ||u||, 0 where ||w|| = 0), bit for bit,
+        computed where the norms are, with no host round trip: one alpha is a Python float; several
+        become a device vector, uploaded without blocking and kept while they stay the same."""
+        counts = [t.numel() for t in w_sq]
+        w2, u2 = torch.cat(w_sq), torch.cat(u_sq)
+        if len(set(alphas)) == 1:
+            a = float(alphas[0])
+        else:
+            key = (tuple(alphas), tuple(counts), w2.device)
+            if self._alpha_vector[0] != key:
+                host = torch.tensor([float(x) for x, n in zip(alphas, counts) for _ in range(n)], dtype=torch.float64)
+                self._alpha_vector = (key, host.to(w2.device, non_blocking=True))
+            a = self._alpha_vector[1]
+        s = torch.where(w2 > 0, a * torch.sqrt(w2 / u2), torch.zeros_like(w2))
+        return list(s.split(counts))
 
     def _measure(self, plan: _Plan):
         """(||w||^2, ||u||^2) per perturbed tensor. ||w||^2 afresh; ||u||^2 from the previous
@@ -237,6 +255,7 @@ class NoiseCycle:
             if not done and self._plan is plan:
                 self.ensure_clean()
 
+    @torch.no_grad()
     def finish(self, update: bool):
         """Restores the clean weights and scales the gradients to their mean (fused with the base
         update where a kernel exists), applies the update if asked, and ends the cycle; the
@@ -301,7 +320,7 @@ class NoiseCycle:
         next step's ||u||^2 (pair 0's noise; its ||w||^2 too, unused: see `_measure`)."""
         info = plan.info()
         tids = self.tensor_ids()
-        empty = torch.empty(0, dtype=torch.float64)
+        empty = {}  # "no noise" scales, per device
         filter = self.options.scope == "filter"
         next_norms = {}
         # the update measures the next step's noise with this pass's sample: kept when the next step
@@ -313,13 +332,14 @@ class NoiseCycle:
             for exact, ps in _split(with_grad, lambda p: p in info and info[p][1] is not None):
                 rows = [_reference.num_slices(_distributed.local(p), filter) if p in info and measure_next else 0
                         for p in ps]
-                nw = [torch.empty(r, dtype=torch.float64) for r in rows]
-                nu = [torch.empty(r, dtype=torch.float64) for r in rows]
+                nw = [torch.empty(r, dtype=torch.float64, device=p.device) for p, r in zip(ps, rows)]
+                nu = [torch.empty(r, dtype=torch.float64, device=p.device) for p, r in zip(ps, rows)]
                 stream = self._stream(plan, tensor_ids=[tids[p] for p in ps],
                                       sources=[info[p][1] for p in ps] if exact else None,
                                       next_w_sq=nw, next_u_sq=nu, next_step=plan.step + 1)
                 fused_update(self.ops, self.base, group, ps, [p.grad for p in ps],
-                             [info[p][0] if p in info else empty for p in ps], 0.0 if exact else -plan.offset,
+                             [info[p][0] if p in info else empty.setdefault(p.device, torch.empty(
+                                 0, dtype=torch.float64, device=p.device)) for p in ps], 0.0 if exact else -plan.offset,
                              grad_scale, **stream)
                 next_norms.update({p: (tids[p], p.numel(), u) for p, u, r in zip(ps, nu, rows) if r})
         for p in plan.params:  # perturbed parameters that received no gradient: restore only
@@ -330,13 +350,14 @@ class NoiseCycle:
         plan.offset = 0.0
         self._noise_norms = {"key": self._norm_key(plan.step + 1, plan.sample), "entries": next_norms}
 
+    @torch.no_grad()
     def _switch_pair(self, plan: _Plan, sample: int):
         """Back to the clean weights, then the noise of antithetic pair `sample` (its own norms)."""
         self._move(plan, 0.0)
         plan.sample = sample
         w_sq, u_sq = self.ops.norms(plan.params, tensor_ids=plan.tids, **self._stream(plan))
-        plan.scales = _reference.scales_from_norms(self._over_shards(plan.params, w_sq),
-                                                   self._over_shards(plan.params, u_sq), plan.alphas)
+        plan.scales = self._scales(self._over_shards(plan.params, w_sq), self._over_shards(plan.params, u_sq),
+                                   plan.alphas)
 
     def _backup(self, p):
         b = self._backups.get(p)

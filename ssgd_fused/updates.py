@@ -9,6 +9,7 @@ interchange with torch.optim). Adding a fused optimizer is adding a row to `FUSE
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -39,12 +40,13 @@ def _adam(ops, base, group, params, grads, scales, coef, grad_scale, **stream):
         st = base.state[p]
         if len(st) == 0:  # the layout torch.optim.Adam creates, so state_dicts interchange
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            _HOST_STEPS[st["step"]] = 0.0
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad:
                 st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states.append(st)
-    steps = [float(st["step"]) + 1 for st in states]
+    steps = [_host_step(st["step"]) + 1 for st in states]
     beta1, beta2 = group["betas"]
     decoupled = group.get("decoupled_weight_decay", type(base) is torch.optim.AdamW)
     ops.restore_update_adam_(
@@ -53,6 +55,21 @@ def _adam(ops, base, group, params, grads, scales, coef, grad_scale, **stream):
         lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
         decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=group["maximize"], **stream)
     torch._foreach_add_([st["step"] for st in states], 1.0)
+    for st, t in zip(states, steps):
+        _HOST_STEPS[st["step"]] = t
+
+
+# Adam's step counts as host numbers, keyed by torch's "step" tensors (which stay the state dict's
+# format): the kernels take them as arguments, and reading the tensors back each step would be a
+# host read per parameter (a device synchronisation where they live on the GPU).
+_HOST_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _host_step(t: torch.Tensor) -> float:
+    v = _HOST_STEPS.get(t)
+    if v is None:  # a state created elsewhere (torch.optim, a loaded state dict): read it once
+        v = _HOST_STEPS[t] = float(t)
+    return v
 
 
 FusedUpdate = Callable[..., None]
