@@ -230,8 +230,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def launch(worker: str, world: int, out_dir: Path, timeout: float = 120.0, extra_env=None):
-    """Runs `worker` on `world` processes of a gloo group; returns each rank's result (in rank order)."""
+def launch(workers, world: int, out_dir: Path, timeout: float = 300.0, extra_env=None):
+    """Runs the named workers one after the other on `world` processes of one gloo group; returns
+    {worker: [each rank's result]} (a worker that raised gives {"exception": traceback})."""
+    names = [workers] if isinstance(workers, str) else list(workers)
     port = _free_port()
     root = Path(__file__).resolve().parents[1]
     procs = []
@@ -239,8 +241,8 @@ def launch(worker: str, world: int, out_dir: Path, timeout: float = 120.0, extra
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), **(extra_env or {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.dist_workers", worker, str(out_dir)], env=env,
-                                      cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.dist_workers", ",".join(names), str(out_dir)],
+                                      env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
     outs = []
     try:
@@ -252,18 +254,24 @@ def launch(worker: str, world: int, out_dir: Path, timeout: float = 120.0, extra
             p.kill()
     for rank, (p, out) in enumerate(zip(procs, outs)):
         if p.returncode != 0:
-            raise RuntimeError(f"rank {rank} of {worker} failed ({p.returncode}):\n{out[-4000:]}")
-    return [torch.load(out_dir / f"{worker}.{r}.pt", weights_only=False) for r in range(world)]
+            raise RuntimeError(f"rank {rank} of {names} failed ({p.returncode}):\n{out[-4000:]}")
+    return {n: [torch.load(out_dir / f"{n}.{r}.pt", weights_only=False) for r in range(world)] for n in names}
 
 
 def main():
-    worker, out_dir = sys.argv[1], Path(sys.argv[2])
+    names, out_dir = sys.argv[1].split(","), Path(sys.argv[2])
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        result = WORKERS[worker]()
-        torch.save(result, out_dir / f"{worker}.{dist.get_rank()}.pt")
-        dist.barrier()
+        for name in names:
+            try:
+                result = WORKERS[name]()
+            except Exception:  # reported to the test, which fails with it
+                import traceback
+
+                result = {"exception": traceback.format_exc()}
+            torch.save(result, out_dir / f"{name}.{dist.get_rank()}.pt")
+            dist.barrier()
     finally:
         dist.destroy_process_group()
     print(json.dumps({"rank": int(os.environ["RANK"]), "ok": True}))

@@ -11,6 +11,28 @@ from tests import dist_workers as W
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
+# Each process group is started once and runs its workers in turn (starting processes is the cost).
+TWO_RANKS = ["ddp_closure", "ddp_no_model", "ddp_twin_accumulate_clip", "ddp_pairs", "ddp_split", "mismatched_seeds",
+             "fsdp_gaussian", "fsdp_rademacher_filter", "fsdp_checkpoint", "fsdp_bad_placement"]
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    cache = {}
+
+    def get(worker, world):
+        if (worker, world) not in cache:
+            out = tmp_path_factory.mktemp(f"ranks{world}")
+            names = TWO_RANKS if world == 2 else [worker]
+            res = W.launch(names, world, out, extra_env={"SSGD_TEST_CKPT": str(out / "ckpt")})
+            cache.update({(n, world): r for n, r in res.items()})
+        results = cache[(worker, world)]
+        for rank, r in enumerate(results):
+            assert "exception" not in r, f"{worker} on rank {rank}:\n{r.get('exception')}"
+        return results
+
+    return get
+
 
 def single_process(seed, steps=W.STEPS, world=2, max_grad_norm=None):
     """S-SGD on the global batch (every rank's part) in one process."""
@@ -31,11 +53,11 @@ def assert_replicas_equal(results):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ddp_one_stream_one_allreduce_equals_global_batch(tmp_path, world):
+def test_ddp_one_stream_one_allreduce_equals_global_batch(groups, world):
     """seed=None with ranks seeded differently: every rank takes rank 0's seed; with model=ddp each
     step all-reduces once (one bucket per step); replicas stay bitwise equal; the trajectory is
     single-process S-SGD on the global batch."""
-    res = W.launch("ddp_closure", world, tmp_path)
+    res = groups("ddp_closure", world)
     seeds = {r["seed"] for r in res}
     assert len(seeds) == 1 and res[0]["sd_seed"] == res[0]["seed"]
     assert [r["allreduce_buckets"] for r in res] == [W.STEPS] * world
@@ -44,26 +66,26 @@ def test_ddp_one_stream_one_allreduce_equals_global_batch(tmp_path, world):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_ddp_without_model_warns_and_all_reduces_twice(tmp_path):
-    res = W.launch("ddp_no_model", 2, tmp_path)
+def test_ddp_without_model_warns_and_all_reduces_twice(groups):
+    res = groups("ddp_no_model", 2)
     assert [r["allreduce_buckets"] for r in res] == [2 * W.STEPS] * 2
     assert_replicas_equal(res)
     for a, b in zip(res[0]["params"], single_process(res[0]["seed"])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_ddp_twin_passes_with_accumulation_and_clipping(tmp_path):
-    res = W.launch("ddp_twin_accumulate_clip", 2, tmp_path)
+def test_ddp_twin_passes_with_accumulation_and_clipping(groups):
+    res = groups("ddp_twin_accumulate_clip", 2)
     assert [r["allreduce_buckets"] for r in res] == [W.STEPS] * 2
     assert_replicas_equal(res)
     for a, b in zip(res[0]["params"], single_process(res[0]["seed"], max_grad_norm=0.5)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_ranks_pairs_each_rank_its_own_pair(tmp_path):
+def test_ranks_pairs_each_rank_its_own_pair(groups):
     """ranks="pairs": rank r's noise is the spec's sample r (direction checked against the spec),
     two passes per rank, replicas equal."""
-    res = W.launch("ddp_pairs", 2, tmp_path)
+    res = groups("ddp_pairs", 2)
     assert_replicas_equal(res)
     assert all(len(r["seen"]) == 2 * W.STEPS for r in res)
     for rank, r in enumerate(res):
@@ -77,10 +99,10 @@ def test_ranks_pairs_each_rank_its_own_pair(tmp_path):
     assert not torch.allclose(n0, n1)
 
 
-def test_ranks_split_one_pass_per_rank(tmp_path):
+def test_ranks_split_one_pass_per_rank(groups):
     """ranks="split": one forward/backward per rank, the even rank at +n, the odd at -n of the
     same pair; replicas equal."""
-    res = W.launch("ddp_split", 2, tmp_path)
+    res = groups("ddp_split", 2)
     assert_replicas_equal(res)
     assert all(len(r["seen"]) == W.STEPS for r in res)
     w_plus, w_minus = res[0]["seen"][0][0], res[1]["seen"][0][0]
@@ -91,14 +113,14 @@ def test_ranks_split_one_pass_per_rank(tmp_path):
     torch.testing.assert_close(n.norm(), 0.5 * clean.norm(), rtol=1e-5, atol=0)
 
 
-def test_mismatched_seeds_are_a_clear_error_on_every_rank(tmp_path):
-    res = W.launch("mismatched_seeds", 2, tmp_path)
+def test_mismatched_seeds_are_a_clear_error_on_every_rank(groups):
+    res = groups("mismatched_seeds", 2)
     for r in res:
         assert r["error"] is not None and "rank 0: 10" in r["error"] and "rank 1: 11" in r["error"]
 
 
-def test_split_needs_an_even_world_size(tmp_path):
-    res = W.launch("split_odd_world", 3, tmp_path)
+def test_split_needs_an_even_world_size(groups):
+    res = groups("split_odd_world", 3)
     assert all("even world size, got 3" in (r["error"] or "") for r in res)
 
 
@@ -128,11 +150,11 @@ def fsdp_single_process(**kw):
 @pytest.mark.parametrize("worker,kw", [("fsdp_gaussian", {}),
                                        ("fsdp_rademacher_filter", dict(distribution="rademacher", scope="filter"))],
                          ids=["gaussian-tensor", "rademacher-filter"])
-def test_fsdp2_shards_follow_the_unsharded_run(tmp_path, worker, kw):
+def test_fsdp2_shards_follow_the_unsharded_run(groups, worker, kw):
     """fully_shard on 2 ranks, uneven dim-0 shards starting inside noise blocks: the fused kernels
     perturb each local shard with the full tensor's noise, tensor-scope norms are summed over the
     shards; the trajectory equals the unsharded single-process run on the global batch."""
-    res = W.launch(worker, 2, tmp_path)
+    res = groups(worker, 2)
     assert res[0]["local_numels"] != res[1]["local_numels"]  # uneven shards
     for a, b in zip(res[0]["params"], res[1]["params"]):
         assert torch.equal(a, b)
@@ -140,14 +162,14 @@ def test_fsdp2_shards_follow_the_unsharded_run(tmp_path, worker, kw):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp2_distributed_checkpoint_resumes_bitwise(tmp_path):
-    res = W.launch("fsdp_checkpoint", 2, tmp_path, extra_env={"SSGD_TEST_CKPT": str(tmp_path / "ckpt")})
+def test_fsdp2_distributed_checkpoint_resumes_bitwise(groups):
+    res = groups("fsdp_checkpoint", 2)
     for r in res:
         assert r["seed"] == W.FSDP_KW["seed"] and r["step"] == 4
         for a, b in zip(r["straight"], r["resumed"]):
             assert torch.equal(a, b)
 
 
-def test_fsdp2_other_placements_are_a_clear_error(tmp_path):
-    res = W.launch("fsdp_bad_placement", 2, tmp_path)
+def test_fsdp2_other_placements_are_a_clear_error(groups):
+    res = groups("fsdp_bad_placement", 2)
     assert all("sharded on dim 0" in (r["error"] or "") for r in res)
