@@ -14,6 +14,8 @@ fi
 "$PY" -m pip install -q numpy scikit-learn pytest hypothesis pytest-benchmark tqdm matplotlib ruff
 # evidence study: mnist1d generates its data offline; the flatness tests cross-check hessian-eigenthings (torch pinned)
 "$PY" -m pip install -q mnist1d hessian-eigenthings==1.0.0a5 -c <("$PY" -c "import torch; print('torch==' + torch.__version__)")
+# training frameworks for ssgd_fused.integrations and its tests (versions tested; torch pinned)
+"$PY" -m pip install -q lightning==2.6.6 transformers==5.24.0 accelerate==1.15.0 -c <("$PY" -c "import torch; print('torch==' + torch.__version__)")
 if [ "${SSGD_FUSED_NO_TRITON:-0}" = "0" ] && ! "$PY" -c "import triton" 2>/dev/null; then
   echo "== installing triton==3.9.0 (interpreter tests)"
   "$PY" -m pip install -q triton==3.9.0

@@ -5,6 +5,7 @@ opt.twin_passes(): <every micro-batch's backward>; clip; opt.step()`.
 """
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -217,15 +218,32 @@ def test_validation_inside_an_accumulation_window_raises(loader):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.parametrize("k", [2])
 def test_ddp_two_processes(tmp_path, k):
     """strategy="ddp" on 2 CPU processes (gloo): the replicas stay equal, equal the plain loop on
-    the global batches, and each step all-reduces the gradients once."""
+    the global batches, and each step all-reduces the gradients once. Both ranks are started here
+    (LOCAL_RANK set, as torchrun does) so that they import Lightning side by side."""
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(root / "tests" / "_lightning_ddp.py"), str(tmp_path), str(k)],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "_lightning_ddp.py"), str(tmp_path), str(k)],
+                              cwd=root, env={**env, "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
     steps = ddp.STEPS_PER_EPOCH_BATCHES // k
     for out in ranks:
