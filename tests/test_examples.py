@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Starts every example at once; returns name -> (returncode, output) getters."""
+    """Starts every example at once; returns a getter name -> (returncode, stdout, stderr)."""
     ckpt = tmp_path_factory.mktemp("fsdp_ckpt") / "ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
@@ -37,20 +37,20 @@ def runs(tmp_path_factory):
         argv = [sys.executable, "-m", "torch.distributed.run", *shlex.split(cmd)[1:]]
         if name == "fsdp":
             argv += ["--ckpt", str(ckpt)]  # a fresh folder (the default is one shared temp folder)
-        procs[name] = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, start_new_session=True)
+        procs[name] = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, start_new_session=True)  # stdout: what the examples print
     done = {}
 
     def result(name):
         if name not in done:
             p = procs[name]
             try:
-                out, _ = p.communicate(timeout=TIMEOUT_S)
+                out, err = p.communicate(timeout=TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, 9)  # torchrun and its workers
-                out, _ = p.communicate()
-                pytest.fail(f"{COMMANDS[name]} ran past {TIMEOUT_S} s:\n{out[-3000:]}")
-            done[name] = (p.returncode, out)
+                out, err = p.communicate()
+                pytest.fail(f"{COMMANDS[name]} ran past {TIMEOUT_S} s:\n{out[-2000:]}\nstderr:\n{err[-3000:]}")
+            done[name] = (p.returncode, out, err)
         return done[name]
 
     yield result
@@ -61,14 +61,14 @@ def runs(tmp_path_factory):
 
 
 def _ok(result, name):
-    rc, out = result(name)
-    assert rc == 0, f"{COMMANDS[name]} exited {rc}:\n{out[-3000:]}"
+    rc, out, err = result(name)
+    assert rc == 0, f"{COMMANDS[name]} exited {rc}:\n{out[-2000:]}\nstderr:\n{err[-3000:]}"
     return out
 
 
 def _losses(out):
     losses = {int(s): float(v) for s, v in re.findall(r"^step +(\d+) +loss ([-\d.naif]+)$", out, flags=re.M)}
-    assert losses and all(math.isfinite(v) for v in losses.values()), out[-3000:]
+    assert losses and all(math.isfinite(v) for v in losses.values()), out
     return losses
 
 
@@ -76,10 +76,10 @@ def _losses(out):
 def test_ddp_example_replicas_identical(runs, name):
     out = _ok(runs, name)
     losses = _losses(out)
-    assert sorted(losses) == [0, 5]  # every 10th step and the last, on rank 0 only
+    assert sorted(losses) == [0, 5], out  # every 10th step and the last, on rank 0 only
     checksums = dict(re.findall(r"^rank (\d+): parameter checksum (\S+)$", out, flags=re.M))
-    assert sorted(checksums) == ["0", "1"] and len(set(checksums.values())) == 1, out[-3000:]
-    assert "replicas identical: True" in out
+    assert sorted(checksums) == ["0", "1"] and len(set(checksums.values())) == 1, out
+    assert "replicas identical: True" in out, out
 
 
 def test_ddp_example_accumulation_matches_the_closure_run(runs):
@@ -91,12 +91,12 @@ def test_ddp_example_accumulation_matches_the_closure_run(runs):
 
 def test_fsdp_example_resumes_bitwise(runs):
     out = _ok(runs, "fsdp")
-    assert sorted(_losses(out)) == [0]
-    assert "saved a distributed checkpoint after step 2" in out
+    assert sorted(_losses(out)) == [0], out
+    assert "saved a distributed checkpoint after step 2" in out, out
     lines = re.findall(r"^rank (\d): (\d+) of (\d+) parameters in its shards, parameter checksum (\S+), "
                        r"resumed run matches the uninterrupted one: (\w+)$", out, flags=re.M)
-    assert [r for r, *_ in lines] == ["0", "1"], out[-3000:]
-    assert all(same == "True" for *_, same in lines)
+    assert [r for r, *_ in lines] == ["0", "1"], out
+    assert all(same == "True" for *_, same in lines), out
     assert sum(int(local) for _, local, *_ in lines) == int(lines[0][2])  # the shards make up the model
     assert len({c for *_, c, _ in lines}) == 1
 
