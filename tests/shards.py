@@ -115,13 +115,15 @@ def assert_values(got, want, dtype, dist, scales):
 
 
 def assert_norms(p: Problem, shard_w2, shard_u2, full_w2, full_u2):
-    """Tensor scope: the shards' sums equal the full tensor's; filter scope: the rows' values."""
+    """Tensor scope: the shards' sums equal the full tensor's; filter scope: the rows' values. ||u||^2:
+    exact for rademacher (element counts); otherwise 1e-6 (the gaussian edges by z^2, whole blocks by
+    r^2; Triton's per-chunk partial sums of u^2 are float32)."""
     for a, b in zip(p.row_norms(list(shard_w2)), full_w2):
         assert not a.isnan().any()
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-12, atol=0)
     for a, b in zip(p.row_norms(list(shard_u2)), full_u2):
         assert not a.isnan().any()
-        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-6 if p.dist == "gaussian" else 1e-12, atol=0)
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0 if p.dist == "rademacher" else 1e-6, atol=0)
 
 
 # ---- the checks, one per op, for an op module with the reference's signatures -----------------

@@ -99,6 +99,63 @@ def test_prefix_property():
         assert torch.equal(gen(1000, 1, 2, 3)[:333], gen(333, 1, 2, 3))
 
 
+@pytest.mark.parametrize("dist", noise.DISTRIBUTIONS)
+def test_generate_from_start_is_the_slice(dist):
+    """Known answer for shards: generate(dist, n, ..., start=k) == generate(dist, k + n, ...)[k:],
+    bit for bit, with k inside a 4-element and a 128-element Philox block."""
+    for k in (0, 1, 3, 4, 5, 127, 128, 129, 4096 + 3):
+        for n in (0, 1, 3, 130, 1000):
+            got = noise.generate(dist, n, 0x0123456789ABCDEF, 9, 4, 2, start=k)
+            want = noise.generate(dist, k + n, 0x0123456789ABCDEF, 9, 4, 2)[k:]
+            assert got.shape == (n,) and torch.equal(got, want), (k, n)
+
+
+def test_start_generates_only_the_blocks_it_needs(monkeypatch):
+    """A far start costs its own blocks only: element e of the stream from its own block's words."""
+    calls = []
+    real = noise.philox_words
+
+    def counting(nblocks, *args, **kw):
+        calls.append((nblocks, kw.get("first_block", 0)))
+        return real(nblocks, *args, **kw)
+
+    monkeypatch.setattr(noise, "philox_words", counting)
+    start = (5 << 45) + 131  # rademacher block (5 << 38) + 1, bit 3; 4 per block: block (5 << 43) + 32, word 3
+    r = noise.rademacher(3, 7, 1, 2, 0, start=start)
+    assert calls[-1] == (1, start >> 7)
+    x = real(1, 7, 1, 2, 0, first_block=start >> 7)
+    for j in range(3):
+        k = (start + j) & 127
+        assert r[j] == (1.0 if (int(x[0, k >> 5]) >> (k & 31)) & 1 else -1.0)
+    u = noise.uniform_sym(6, 7, 1, 2, 0, start=start)  # word 3 of a block, a whole block, word 0 of the next
+    assert calls[-1] == (3, start >> 2)
+    x = real(3, 7, 1, 2, 0, first_block=start >> 2)
+    for j in range(6):
+        e = start + j - 4 * (start >> 2)
+        assert u[j].item() == 2 * ((2 * (int(x[e // 4, e % 4]) >> 9) + 1) * 2.0**-24) - 1
+    noise.gaussian(1, 7, 1, 2, 0, start=start)
+    assert calls[-1] == (1, start >> 2)
+
+
+def test_bad_start_and_element_offsets():
+    top = 4 << 48
+    assert noise.gaussian(4, 0, 0, 0, start=top - 4).shape == (4,)  # the last four elements
+    with pytest.raises(ValueError, match="counter range"):
+        noise.gaussian(4, 0, 0, 0, start=top - 3)
+    assert noise.rademacher(4, 0, 0, 0, start=(128 << 48) - 4).shape == (4,)
+    with pytest.raises(ValueError, match="start"):
+        noise.uniform_sym(4, 0, 0, 0, start=-1)
+    assert noise.check_element_offsets(None, [3, 4], "gaussian") == [0, 0]
+    assert noise.check_element_offsets((1, 2), [3, 4], "gaussian") == [1, 2]
+    for offs, match in (([1], "element_offsets has 1 entries for 2 params"),
+                        ([0, -2], r"element_offsets\[1\] must be >= 0"),
+                        ([0, True], r"element_offsets\[1\] must be an int"),
+                        ([top - 2, 0], r"element_offsets\[0\] \+ numel = .* exceeds")):
+        with pytest.raises(ValueError, match=match):
+            noise.check_element_offsets(offs, [3, 4], "gaussian")
+    assert noise.check_element_offsets([top - 2, 0], [3, 4], "rademacher") == [top - 2, 0]
+
+
 @pytest.mark.parametrize("gen", [noise.gaussian, noise.uniform_sym, noise.rademacher])
 def test_streams_unrelated(gen):
     n = 100_000

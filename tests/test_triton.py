@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 from ssgd_fused import reference as ref
+from tests import shards as S
 from tests.tolerances import DTYPES, GAUSS_TOL, TOL, describe
 
 triton = pytest.importorskip("triton")
@@ -146,6 +148,62 @@ def test_restore_update_adam(dtype, dist, amsgrad):
                 close(a, b, dtype, dist, scales)
             else:
                 torch.testing.assert_close(a.cpu(), b, **TOL[dtype])
+
+
+# ---- sharded tensors: element_offsets ---------------------------------------------------------------
+def launchers():
+    """The Triton launchers as an op module (the reference's names and signatures)."""
+    return types.SimpleNamespace(norms=K("norms").norms, perturb_=K("perturb").perturb_,
+                                 restore_=K("perturb").restore_, restore_update_sgd_=K("sgd").restore_update_sgd_,
+                                 restore_update_adam_=K("adam").restore_update_adam_)
+
+
+@pytest.mark.parametrize("op", list(S.CHECKS))
+@FILTER
+@pytest.mark.parametrize("dist", DISTS)
+def test_sharded_equals_full(op, dist, filter):
+    """Each op on row-shards (offsets 0, 1, 3, 5, 127, 129, 4099, 35, 63, 387, ...) gives the full
+    tensor's slice: the shards' chunks lie on the full tensor's BLOCK boundaries, the first one
+    partly masked (values exact for the integer streams; norms the shards' sums / rows)."""
+    p = S.Problem(S.FEW_ROWS if filter else S.SMALL, torch.float32, dist, filter, device=DEVICE)
+    S.CHECKS[op](launchers(), p)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_sharded_perturb_bfloat16(dist):
+    S.check_perturb(launchers(), S.Problem(S.FEW_ROWS, torch.bfloat16, dist, True, device=DEVICE))
+
+
+@FILTER
+@pytest.mark.parametrize("dist", DISTS)
+def test_far_offsets_match_the_reference(dist, filter):
+    """Offsets above 2**32 blocks and at the end of the counter range, against the reference."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).to(DEVICE) for s in ((7, 13), (1500,), (3,))]
+    top = (128 if dist == "rademacher" else 4) << 48
+    offs, tids = [2**34 + 1, 2**40 + 4099, top - 3], [1, 2, 3]
+    w2, u2 = K("norms").norms(params, SEED, 5, tids, 0, dist, filter, offs)
+    rw2, ru2 = ref.norms(cpu(params), SEED, 5, tids, 0, dist, filter, offs)
+    for a, b in zip(w2 + u2, rw2 + ru2):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0)
+    scales = ref.scales_from_norms(rw2, ru2, [0.5] * 3)
+    got, want = [p.clone() for p in params], cpu(params)
+    K("perturb").perturb_(got, [s.to(DEVICE) for s in scales], 1.0, SEED, 5, tids, 0, dist, filter, None, offs)
+    ref.perturb_(want, scales, 1.0, SEED, 5, tids, 0, dist, filter, None, offs)
+    for a, b in zip(got, want):
+        close(a, b, torch.float32, dist, scales)
+
+
+def test_bad_element_offsets_named():
+    p = [torch.randn(6, 5).to(DEVICE), torch.randn(13).to(DEVICE)]
+    s = [torch.ones(1, dtype=torch.float64, device=DEVICE)] * 2
+    for offs, match in (([0], "element_offsets has 1 entries for 2 params"),
+                        ([0, -1], r"element_offsets\[1\] must be >= 0"),
+                        ([0, (4 << 48) - 12], r"element_offsets\[1\] \+ numel = .* exceeds")):
+        with pytest.raises(ValueError, match=match):
+            K("norms").norms(p, 0, 0, [0, 1], 0, "gaussian", False, offs)
+        with pytest.raises(ValueError, match=match):
+            K("perturb").perturb_(p, s, 1.0, 0, 0, [0, 1], 0, "uniform", False, None, offs)
 
 
 def test_one_launch_per_pass_whatever_the_tensor_count(monkeypatch):
