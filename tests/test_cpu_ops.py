@@ -247,26 +247,35 @@ def test_restore_update_adam(isa, dtype, dist, case):
 
 
 # ---- determinism, errors, registration ------------------------------------------------------------
-def test_bitwise_identical_with_one_and_two_threads(cpp):
-    shapes = [(3000, 77), (65537,), (9, 5, 3, 3)]
+def assert_same_with_one_and_two_threads(run):
+    """run() -> lists of tensors; bitwise equal whether torch uses 1 or 2 threads."""
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
         try:
-            params = make_params(shapes, torch.float32)
-            w2, u2 = ops.norms(params, SEED, 1, [0, 1, 2], 0, "gaussian", True)
-            scales = ref.scales_from_norms(w2, u2, [0.5] * 3)
-            grads = make_params(shapes, torch.float32, gen_seed=1)
-            bufs = [torch.zeros_like(p) for p in params]
-            ops.restore_update_sgd_(params, grads, bufs, scales, 1.0, 0.5, SEED, 1, [0, 1, 2], 0, "gaussian", True,
-                                    None, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True,
-                                    maximize=False, init_momentum=[False] * 3)
-            results.append((w2, u2, params, bufs))
+            results.append(run())
         finally:
             torch.set_num_threads(2)
     for a, b in zip(results[0], results[1]):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+def test_bitwise_identical_with_one_and_two_threads(cpp):
+    shapes = [(3000, 77), (65537,), (9, 5, 3, 3)]
+
+    def run():
+        params = make_params(shapes, torch.float32)
+        w2, u2 = ops.norms(params, SEED, 1, [0, 1, 2], 0, "gaussian", True)
+        scales = ref.scales_from_norms(w2, u2, [0.5] * 3)
+        grads = make_params(shapes, torch.float32, gen_seed=1)
+        bufs = [torch.zeros_like(p) for p in params]
+        ops.restore_update_sgd_(params, grads, bufs, scales, 1.0, 0.5, SEED, 1, [0, 1, 2], 0, "gaussian", True,
+                                None, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True,
+                                maximize=False, init_momentum=[False] * 3)
+        return w2, u2, params, bufs
+
+    assert_same_with_one_and_two_threads(run)
 
 
 def test_isas_agree_on_norms(cpp):
@@ -457,30 +466,25 @@ def test_far_offsets_match_the_reference(isa, dist):
 def test_sharded_bitwise_identical_with_one_and_two_threads(cpp):
     shapes = [(3000, 77), (65537,), (9, 5, 3, 3)]
     offs = [3 * 77 * 1000 + 5, 129, 4099]
-    results = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        try:
-            out = []
-            for dist, filter in (("gaussian", True), ("gaussian", False), ("uniform", False)):
-                params = make_params(shapes, torch.float32)
-                w2, u2 = ops.norms(params, SEED, 1, [0, 1, 2], 0, dist, filter, offs)
-                scales = ref.scales_from_norms(w2, u2, [0.5] * 3)
-                grads = make_params(shapes, torch.float32, gen_seed=1)
-                bufs = [torch.zeros_like(p) for p in params]
-                nw = [torch.empty(ref.num_slices(p, filter), dtype=torch.float64) for p in params]
-                nu = [torch.empty(ref.num_slices(p, filter), dtype=torch.float64) for p in params]
-                ops.restore_update_sgd_(params, grads, bufs, scales, 1.0, 0.5, SEED, 1, [0, 1, 2], 0, dist, filter,
-                                        None, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True,
-                                        maximize=False, init_momentum=[False] * 3, next_w_sq=nw, next_u_sq=nu,
-                                        next_step=2, element_offsets=offs)
-                out += [w2, u2, params, bufs, nw, nu]
-            results.append(out)
-        finally:
-            torch.set_num_threads(2)
-    for a, b in zip(results[0], results[1]):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
+
+    def run():
+        out = []
+        for dist, filter in (("gaussian", True), ("gaussian", False), ("uniform", False)):
+            params = make_params(shapes, torch.float32)
+            w2, u2 = ops.norms(params, SEED, 1, [0, 1, 2], 0, dist, filter, offs)
+            scales = ref.scales_from_norms(w2, u2, [0.5] * 3)
+            grads = make_params(shapes, torch.float32, gen_seed=1)
+            bufs = [torch.zeros_like(p) for p in params]
+            nw = [torch.empty(ref.num_slices(p, filter), dtype=torch.float64) for p in params]
+            nu = [torch.empty(ref.num_slices(p, filter), dtype=torch.float64) for p in params]
+            ops.restore_update_sgd_(params, grads, bufs, scales, 1.0, 0.5, SEED, 1, [0, 1, 2], 0, dist, filter, None,
+                                    lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True,
+                                    maximize=False, init_momentum=[False] * 3, next_w_sq=nw, next_u_sq=nu,
+                                    next_step=2, element_offsets=offs)
+            out += [w2, u2, params, bufs, nw, nu]
+        return out
+
+    assert_same_with_one_and_two_threads(run)
 
 
 def test_offsets_none_and_zeros_are_bit_identical(isa):

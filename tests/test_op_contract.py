@@ -75,6 +75,8 @@ def _clones(ts):
 
 DTYPE = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 DIST = pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+OFFSETS = [5, 129 * 7 * 2 + 3, 2**34 + 1]  # shards: inside a 4-block, inside a 128-block, blocks above 2**32
+OFFS = pytest.mark.parametrize("offsets", [None, OFFSETS], ids=["unsharded", "offsets"])
 
 
 @pytest.fixture(autouse=True)
@@ -82,32 +84,37 @@ def _need_triton():
     pytest.importorskip("triton")
 
 
+@OFFS
+@pytest.mark.parametrize("filter", [False, True], ids=["tensor", "filter"])
 @DIST
-def test_cuda_registration_norms(dist):
+def test_cuda_registration_norms(dist, filter, offsets):
     params, _, _ = _inputs(torch.float32, dist)
-    got = _cuda_call("norms", params, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False)
-    want = ref.norms([p.cpu() for p in params], SEED, STEP, TIDS, 0, dist, False)
+    got = _cuda_call("norms", params, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, filter, offsets)
+    want = ref.norms([p.cpu() for p in params], SEED, STEP, TIDS, 0, dist, filter, offsets)
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0)
 
 
+@OFFS
 @DTYPE
 @DIST
-def test_cuda_registration_perturb_and_restore(dtype, dist):
+def test_cuda_registration_perturb_and_restore(dtype, dist, offsets):
     params, grads, scales = _inputs(dtype, dist)
     got, want = _clones(params), _clones(params)
-    _cuda_call("perturb_", got, scales, -2.0, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None)
-    ref.perturb_(want, scales, -2.0, SEED, STEP, TIDS, 0, dist, False, None)
+    _cuda_call("perturb_", got, scales, -2.0, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None, offsets)
+    ref.perturb_(want, scales, -2.0, SEED, STEP, TIDS, 0, dist, False, None, offsets)
     _close(got, want, dtype, dist)
     gg, gw = _clones(grads), _clones(grads)
-    _cuda_call("restore_", got, gg, scales, 1.0, 0.5, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None)
-    ref.restore_(want, gw, scales, 1.0, 0.5, SEED, STEP, TIDS, 0, dist, False, None)
+    _cuda_call("restore_", got, gg, scales, 1.0, 0.5, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None,
+               offsets)
+    ref.restore_(want, gw, scales, 1.0, 0.5, SEED, STEP, TIDS, 0, dist, False, None, offsets)
     _close(got + gg, want + gw, dtype, dist)
 
 
+@OFFS
 @DTYPE
 @DIST
-def test_cuda_registration_restore_update_sgd(dtype, dist):
+def test_cuda_registration_restore_update_sgd(dtype, dist, offsets):
     params, grads, scales = _inputs(dtype, dist)
     bufs = [torch.randn_like(p) for p in params]
     outs = []
@@ -117,16 +124,19 @@ def test_cuda_registration_restore_update_sgd(dtype, dist):
         nu = [torch.full((1,), float("nan"), dtype=torch.float64, device=p[0].device) for _ in p]
         seed = ops.seed_to_i64(SEED) if fn is not ref.restore_update_sgd_ else SEED
         fn(p, g, b, scales, -1.0, 0.5, seed, STEP, TIDS, 0, dist, False, None, 0.1, 0.9, 0.0, 1e-2, True, False,
-           [False, True, False], nw, nu, STEP + 1)
+           [False, True, False], nw, nu, STEP + 1, offsets)
         outs.append((p, g, b, nw, nu))
     (p1, g1, b1, nw1, nu1), (p2, g2, b2, nw2, nu2) = outs
     _close(p1 + g1 + b1, p2 + g2 + b2, dtype, dist)
     for a, b in zip(nw1 + nu1, nw2 + nu2):
+        assert not a.isnan().any()
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=0)
 
 
+@OFFS
 @DIST
-def test_cuda_registration_restore_update_adam(dist):
+def test_cuda_registration_restore_update_adam(dist, offsets):
+    """With offsets, also the next step's norms (poisoned outputs), which take the offsets too."""
     dtype = torch.float32
     params, grads, scales = _inputs(dtype, dist)
     state = [[torch.randn_like(p) for p in params], [torch.rand_like(p) for p in params],
@@ -136,16 +146,19 @@ def test_cuda_registration_restore_update_adam(dist):
         p, g = _clones(params), _clones(grads)
         m, v, vmax = (_clones(s) for s in state)
         seed = ops.seed_to_i64(SEED) if fn is not ref.restore_update_adam_ else SEED
+        n = 1 if offsets else 0
+        nw = [torch.full((n,), float("nan"), dtype=torch.float64, device=p[0].device) for _ in p] if n else []
+        nu = [t.clone() for t in nw]
         fn(p, g, m, v, vmax, scales, -1.0, 0.5, seed, STEP, TIDS, 0, dist, False, None, [3.0, 3.0, 3.0], 1e-3, 0.9,
-           0.999, 1e-8, 1e-2, True, True, False, [], [], 0)
-        outs.append(p + g + m + v + vmax)
-    _close(outs[0], outs[1], dtype, dist)
+           0.999, 1e-8, 1e-2, True, True, False, nw, nu, STEP + 1 if n else 0, offsets)
+        outs.append((p + g + m + v + vmax, nw + nu))
+    _close(outs[0][0], outs[1][0], dtype, dist)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=0)
 
 
 # ---- sharded tensors: element_offsets -----------------------------------------------------------
-OFFSETS = [5, 129 * 7 * 2 + 3, 2**34 + 1]  # inside a 4-block, inside a 128-block, blocks above 2**32
-
-
 def test_every_noise_op_takes_element_offsets_last():
     assert schema_names("noise")[-1] == "element_offset"
     for name in set(ops.SCHEMAS) - {"noise"}:
@@ -174,60 +187,3 @@ def test_reference_bad_element_offsets_named():
         with pytest.raises(ValueError, match=match):
             ref.perturb_(p, [torch.ones(1, dtype=torch.float64)] * 2, 1.0, 0, 0, [0, 1], 0, "uniform", False, None,
                          offs)
-
-
-@DIST
-@pytest.mark.parametrize("filter", [False, True], ids=["tensor", "filter"])
-def test_cuda_registration_norms_with_offsets(dist, filter):
-    params, _, _ = _inputs(torch.float32, dist)
-    got = _cuda_call("norms", params, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, filter, OFFSETS)
-    want = ref.norms([p.cpu() for p in params], SEED, STEP, TIDS, 0, dist, filter, OFFSETS)
-    for a, b in zip(got[0] + got[1], want[0] + want[1]):
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0)
-
-
-@DTYPE
-@DIST
-def test_cuda_registration_perturb_and_restore_with_offsets(dtype, dist):
-    params, grads, scales = _inputs(dtype, dist)
-    got, want = _clones(params), _clones(params)
-    _cuda_call("perturb_", got, scales, -2.0, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None, OFFSETS)
-    ref.perturb_(want, scales, -2.0, SEED, STEP, TIDS, 0, dist, False, None, OFFSETS)
-    _close(got, want, dtype, dist)
-    gg, gw = _clones(grads), _clones(grads)
-    _cuda_call("restore_", got, gg, scales, 1.0, 0.5, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None,
-               OFFSETS)
-    ref.restore_(want, gw, scales, 1.0, 0.5, SEED, STEP, TIDS, 0, dist, False, None, OFFSETS)
-    _close(got + gg, want + gw, dtype, dist)
-
-
-@DIST
-def test_cuda_registration_updates_with_offsets(dist):
-    """restore_update_sgd_ and _adam_ with offsets, the next step's norms (poisoned) included."""
-    dtype = torch.float32
-    params, grads, scales = _inputs(dtype, dist)
-    state = [[torch.randn_like(p) for p in params], [torch.rand_like(p) for p in params],
-             [torch.rand_like(p) + 1 for p in params]]
-    for name in ("restore_update_sgd_", "restore_update_adam_"):
-        outs = []
-        for cuda in (True, False):
-            p, g = _clones(params), _clones(grads)
-            m, v, vmax = (_clones(s) for s in state)
-            nw = [torch.full((1,), float("nan"), dtype=torch.float64, device=p[0].device) for _ in p]
-            nu = [t.clone() for t in nw]
-            seed = ops.seed_to_i64(SEED) if cuda else SEED
-            if name == "restore_update_sgd_":
-                args = (p, g, m, scales, -1.0, 0.5, seed, STEP, TIDS, 0, dist, False, None, 0.1, 0.9, 0.0, 1e-2,
-                        True, False, [False, True, False], nw, nu, STEP + 1, OFFSETS)
-            else:
-                args = (p, g, m, v, vmax, scales, -1.0, 0.5, seed, STEP, TIDS, 0, dist, False, None, [3.0] * 3,
-                        1e-3, 0.9, 0.999, 1e-8, 1e-2, True, True, False, nw, nu, STEP + 1, OFFSETS)
-            if cuda:
-                _cuda_call(name, *args)
-            else:
-                getattr(ref, name)(*args)
-            outs.append((p + g + m + v + vmax, nw + nu))
-        _close(outs[0][0], outs[1][0], dtype, dist)
-        for a, b in zip(outs[0][1], outs[1][1]):
-            assert not a.isnan().any()
-            torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=0)
