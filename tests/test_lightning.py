@@ -152,6 +152,36 @@ def test_callback_equals_plain_twin_loop(loader, k, clip, precision):
         assert not torch.equal(unclipped[0].weight, net[0].weight)
 
 
+def test_grad_scaler_step_equals_plain_loop(loader):
+    """fp16 AMP with a GradScaler (Lightning's MixedPrecision plugin, given a CPU scaler): Lightning
+    calls the closure itself, unscales, clips and calls scaler.step(optimizer) bare. Same bits as
+    the plain GradScaler loop, skipped steps (inf at the initial scale) included."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    k, init = 2, 2.0**20
+    module = Net(scheduler=False)
+    trainer = fit(module, loader, [SSGDCallback()], accumulate_grad_batches=k, gradient_clip_val=0.3,
+                  plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init))])
+    net = make_model()
+    opt = make_optimizer(net.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=init)
+    batches = list(loader)
+    for _ in range(EPOCHS):
+        for i in range(0, len(batches), k):
+            opt.zero_grad()
+            for _ in opt.twin_passes():
+                for x, y in batches[i:i + k]:
+                    with torch.autocast("cpu", dtype=torch.float16):
+                        loss = F.cross_entropy(net(x), y)
+                    scaler.scale(loss / k).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.3)
+            scaler.step(opt)
+            scaler.update()
+    assert_same_params(module.net, net)
+    assert trainer.precision_plugin.scaler.get_scale() == scaler.get_scale() < init  # some steps were skipped
+
+
 def test_checkpoint_resume_is_bitwise(loader, tmp_path):
     """Two epochs, or one epoch + Trainer checkpoint + resume for the second: identical parameters
     (SSGD's seed and step, momentum, scheduler and loops restored through the checkpoint)."""

@@ -19,7 +19,7 @@ import ssgd_fused  # noqa: E402
 from ssgd_fused.integrations.transformers import SSGDTrainer  # noqa: E402
 
 CONFIG = dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-              attn_pdrop=0.0)
+              attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, loss_type="ForCausalLM")
 BATCH, GA, STEPS, CLIP = 4, 2, 4, 0.5
 
 
