@@ -144,6 +144,12 @@ class SSGD(torch.optim.Optimizer):
         """True when the last step had non-finite gradients and nonfinite="skip" (no update)."""
         return self._cycle.last_step_skipped
 
+    @property
+    def passes_per_step(self) -> int:
+        """Forward/backward passes the next step runs on this rank (2 * pairs; 1 before start_step,
+        for the one-pass modes and with ranks="split")."""
+        return self._cycle.num_passes()
+
     def current_noise(self) -> float:
         """The default alpha for this step: `noise`, or `noise(step)` for a schedule; 0 before
         `start_step` (the base optimizer alone, as in the paper's SGD-then-S-SGD phases)."""

@@ -33,7 +33,7 @@ def require(ssgd_or_wrapper) -> SSGD:
 def num_passes(ssgd: SSGD) -> int:
     """Forward/backward passes of SSGD's next step (2 for S-SGD, 2 * pairs with pairs, 1 for the
     one-pass modes and before start_step), as its noise cycle will run them."""
-    return len(ssgd.options.passes(ssgd.noise_step))
+    return ssgd.passes_per_step
 
 
 def import_framework(name: str, pip_name: str):
