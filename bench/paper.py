@@ -216,6 +216,19 @@ def aggregate(results):
     return cells
 
 
+def _paired(c0, c1, metric="test_acc"):
+    """Per-seed differences c1 - c0 (same seed: same initial weights and batches)."""
+    a = {r["seed"]: r[metric] for r in c0["runs"]}
+    return _stats([r[metric] - a[r["seed"]] for r in c1["runs"] if r["seed"] in a])
+
+
+def _loss(c):
+    """Final training loss, with the number of runs that diverged (non-finite loss) if any."""
+    bad = sum(1 for r in c["runs"] if not math.isfinite(r["train_loss"]))
+    txt = _pm(c["train_loss"], digits=4)
+    return txt + (f" ({bad}/{len(c['runs'])} diverged)" if bad else "")
+
+
 def _pm(st, scale=1.0, digits=2):
     if st["n"] == 0:
         return "n/a"
@@ -287,22 +300,25 @@ def write_report(out, info, cells, flat, alpha, p, args, elapsed):
              f"torch {info['torch']}, Python {info['python']}; commit {info['commit']}; {info['date']}; "
              f"seeds 0..{p['seeds'] - 1} per cell; wall time {elapsed / 60:.1f} min.", "",
              "Values are mean ± std over the seeds. Test accuracy in %, final training loss on the whole training "
-             "set, Hessian top eigenvalue of the training loss (Lanczos, "
-             f"{p['hess'].get('hessian_samples', 1000)} training samples).", ""]
+             "set (a diverged run, non-finite loss, is left out of the mean and counted), Hessian top eigenvalue "
+             f"of the training loss (Lanczos, {p['hess'].get('hessian_samples', 1000)} training samples). "
+             "\"vs SGD\": the per-seed difference in test accuracy to SGD (same initial weights and batches), "
+             "mean ± std: a gain is real when its mean exceeds its std.", ""]
     for ds in ("mnist1d", "digits"):
         st = {**SETTINGS[ds], "epochs": p["epochs"][ds]}
         lines += [f"## Noise level sweep (Figure 3): {ds}", "",
                   f"batch {st['batch']}, {st['epochs']} epochs, lr {st['lr']}.", "",
-                  "| method | alpha | test acc % | train loss | Hessian top eig. |", "|---|---|---|---|---|"]
+                  "| method | alpha | test acc % | vs SGD (points) | train loss | Hessian top eig. |",
+                  "|---|---|---|---|---|---|"]
         sgd = _cell(cells, "sweep", (ds, "sgd", "", 0.0))
         if sgd:
-            lines.append(f"| SGD | — | {_pm(sgd['test_acc'], 100)} | {_pm(sgd['train_loss'], digits=4)} | "
-                         f"{_pm(sgd['hessian_top'])} |")
+            lines.append(f"| SGD | — | {_pm(sgd['test_acc'], 100)} | — | {_loss(sgd)} | {_pm(sgd['hessian_top'])} |")
         for (method, dist) in NOISY:
             for (exp, key), c in sorted(cells.items(), key=lambda kv: kv[0][1][3] if kv[0][0] == "sweep" else 0):
                 if exp == "sweep" and key[:3] == (ds, method, dist):
-                    lines.append(f"| {LABELS[(method, dist)]} | {key[3]} | {_pm(c['test_acc'], 100)} | "
-                                 f"{_pm(c['train_loss'], digits=4)} | {_pm(c['hessian_top'])} |")
+                    vs = _pm(_paired(sgd, c), 100) if sgd else "—"
+                    lines.append(f"| {LABELS[(method, dist)]} | {key[3]} | {_pm(c['test_acc'], 100)} | {vs} | "
+                                 f"{_loss(c)} | {_pm(c['hessian_top'])} |")
         lines.append("")
     lines += ["## Large batch (Figure 5): mnist1d", "",
               f"{p['epochs']['mnist1d']} epochs at every batch size, lr = 0.2 * sqrt(batch / 128) with {WARMUP} "
@@ -313,24 +329,27 @@ def write_report(out, info, cells, flat, alpha, p, args, elapsed):
     for b in p["batches"]:
         c0, c1 = _cell(cells, "batch", (b, "sgd")), _cell(cells, "batch", (b, "ssgd"))
         if c0 and c1:
-            diff = _stats([y - x for x, y in zip(c0["test_acc"]["values"], c1["test_acc"]["values"])])
+            diff = _paired(c0, c1)
             lines.append(f"| {b} | {_pm(c0['test_acc'], 100)} | {_pm(c1['test_acc'], 100)} | {_pm(diff, 100)} | "
                          f"{_pm(c0['hessian_top'])} | {_pm(c1['hessian_top'])} |")
     e = p["epochs"]["mnist1d"]
     lines += ["", "## Equal compute (Table 1): mnist1d", "",
               f"Forward/backward passes counted in training-set passes; S-SGD alpha {alpha}, batch 128; cosine "
               "learning rate over each schedule's epochs.", "",
-              "| schedule | passes | test acc % | train loss | Hessian top |", "|---|---|---|---|---|"]
+              f"| schedule | passes | test acc % | vs SGD {2 * e} epochs (points) | train loss | Hessian top |",
+              "|---|---|---|---|---|---|"]
     rows = [(f"SGD {e} epochs", _cell(cells, "sweep", ("mnist1d", "sgd", "", 0.0))),
             (f"SGD {2 * e} epochs", _cell(cells, "compute", ("sgd", 2 * e, 0)))]
     for k in reversed(_sgd_phases(p)):
         m = (2 * e - k) // 2
         rows.append((f"SGD {k} epochs, then S-SGD {m}", _cell(cells, "compute", ("sgd-then-ssgd", k, m))))
     rows.append((f"S-SGD {e} epochs", _cell(cells, "sweep", ("mnist1d", "ssgd", "gaussian", alpha))))
+    ref = rows[1][1]
     for name, c in rows:
         if c:
             passes = c["passes"]["mean"] / math.ceil(4000 / 128)
-            lines.append(f"| {name} | {passes:.0f} | {_pm(c['test_acc'], 100)} | {_pm(c['train_loss'], digits=4)} | "
+            vs = _pm(_paired(ref, c), 100) if ref and c is not ref else "—"
+            lines.append(f"| {name} | {passes:.0f} | {_pm(c['test_acc'], 100)} | {vs} | {_loss(c)} | "
                          f"{_pm(c['hessian_top'])} |")
     if flat:
         lines += ["", f"## Flatness of the solutions (mnist1d, SGD vs S-SGD alpha {alpha}, same seeds)", "",
