@@ -34,24 +34,29 @@ _SIGNALS = tuple(int(s) for s in signal.valid_signals() if s not in (signal.SIGK
 
 class critical:
     """``with critical(): ...`` defers Python signal handlers to the end of the block. Re-entrant:
-    an inner section inside an outer one does nothing of its own."""
+    an inner section inside an outer one does nothing of its own.
 
-    _depth = 0  # nesting, main thread only
+    Entering and leaving are themselves safe against one signal at any bytecode: the section is
+    marked as the owner before any handler is swapped and unmarked only after all are back, a
+    signal whose handler raises while they are being swapped makes entering undo what it did, and
+    leaving puts every handler back before raising what a handler raised."""
+
+    _owner = None  # the outermost active section (main thread only)
 
     def __enter__(self):
         self.saved = {}
         self.pending = []
-        self.active = threading.current_thread() is threading.main_thread() and critical._depth == 0
+        self.active = threading.current_thread() is threading.main_thread() and critical._owner is None
         if not self.active:
             return self
-        critical._depth += 1
         try:
+            critical._owner = self
             for s in _SIGNALS:
                 h = _signal.getsignal(s)
-                if callable(h):
+                if callable(h) and h != self._note:
+                    self.saved[s] = h  # first: putting back a handler that was not swapped is harmless
                     _signal.signal(s, self._note)
-                    self.saved[s] = h
-        except BaseException:
+        except BaseException:  # a signal arrived while the handlers were being swapped: undo, re-raise
             self._restore()
             raise
         return self
@@ -60,10 +65,20 @@ class critical:
         self.pending.append((signum, frame))
 
     def _restore(self):
-        for s, h in self.saved.items():
-            _signal.signal(s, h)
-        self.saved = {}
-        critical._depth -= 1
+        """Every saved handler back, even if one of them raises meanwhile (it is re-raised after)."""
+        items = list(self.saved.items())
+        error = None
+        k = 0
+        while k < len(items):
+            try:
+                _signal.signal(*items[k])
+                k += 1
+            except BaseException as e:  # the handler of a signal already put back ran and raised
+                error = error or e
+        if critical._owner is self:
+            critical._owner = None
+        if error is not None:
+            raise error
 
     def __exit__(self, *exc):
         if not self.active:

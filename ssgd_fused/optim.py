@@ -177,6 +177,7 @@ class SSGD(torch.optim.Optimizer):
         self._twin_ready = False
         self.zero_grad(set_to_none=True)
         losses = []
+        grad_mode = torch.is_grad_enabled()
         passes = self._cycle.passes()
         try:
             for _ in passes:
@@ -186,6 +187,7 @@ class SSGD(torch.optim.Optimizer):
         except BaseException:  # clean weights whatever happened (Ctrl-C included), then re-raise
             passes.close()
             self._cycle.ensure_clean()
+            torch.set_grad_enabled(grad_mode)  # an interrupt inside a no_grad() block skips its exit
             raise
         if any(loss is None for loss in losses):
             return None
@@ -211,8 +213,14 @@ class SSGD(torch.optim.Optimizer):
         When the loop ends the clean weights are back and p.grad holds the mean gradient; leaving
         the loop early (break, exception) restores the clean weights."""
         self._twin_ready = False
-        yield from self._cycle.passes()
-        self._cycle.finish(update=False)
+        grad_mode = torch.is_grad_enabled()
+        try:
+            yield from self._cycle.passes()
+            self._cycle.finish(update=False)
+        except BaseException:  # close(), or an interrupt between the passes and finish: clean weights
+            self._cycle.ensure_clean()
+            torch.set_grad_enabled(grad_mode)  # an interrupt inside a no_grad() block skips its exit
+            raise
         self._twin_ready = True
 
     def zero_grad(self, set_to_none: bool = True):

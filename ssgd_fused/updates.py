@@ -40,7 +40,7 @@ def _adam(ops, base, group, params, grads, scales, coef, grad_scale, **stream):
         st = base.state[p]
         if len(st) == 0:  # the layout torch.optim.Adam creates, so state_dicts interchange
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            _HOST_STEPS[st["step"]] = 0.0
+            _HOST_STEPS[st["step"]] = (0.0, st["step"]._version)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad:
@@ -56,20 +56,22 @@ def _adam(ops, base, group, params, grads, scales, coef, grad_scale, **stream):
         decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=group["maximize"], **stream)
     torch._foreach_add_([st["step"] for st in states], 1.0)
     for st, t in zip(states, steps):
-        _HOST_STEPS[st["step"]] = t
+        _HOST_STEPS[st["step"]] = (t, st["step"]._version)
 
 
 # Adam's step counts as host numbers, keyed by torch's "step" tensors (which stay the state dict's
-# format): the kernels take them as arguments, and reading the tensors back each step would be a
-# host read per parameter (a device synchronisation where they live on the GPU).
+# format) with their version counters: the kernels take them as arguments, and reading the
+# tensors back each step would be a host read per parameter (a device synchronisation where they
+# live on the GPU). A step tensor changed elsewhere (torch.optim's own step after twin_passes(), a
+# loaded state dict) has another version and is read once.
 _HOST_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _host_step(t: torch.Tensor) -> float:
     v = _HOST_STEPS.get(t)
-    if v is None:  # a state created elsewhere (torch.optim, a loaded state dict): read it once
-        v = _HOST_STEPS[t] = float(t)
-    return v
+    if v is None or v[1] != t._version:
+        v = _HOST_STEPS[t] = (float(t), t._version)
+    return v[0]
 
 
 FusedUpdate = Callable[..., None]

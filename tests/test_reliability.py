@@ -131,6 +131,7 @@ def test_random_keyboard_interrupts_never_leave_weights_displaced(name, one_thre
                 err = _max_rel_err(now, before)
                 assert err < 1e-5, f"trial {trials}: interrupted step left weights displaced by {err:.3g}"
             assert opt.state_dict()["ssgd"]["step"] == opt.noise_step
+            assert torch.is_grad_enabled(), "an interrupt left autograd disabled"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -325,3 +326,61 @@ def test_fuzz_public_api_invariants(actions, base, restore):
                 torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
         for a, b in zip(models[0].parameters(), models[1].parameters()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"after {actions[:i + 1]}")
+
+
+# ---- the critical sections themselves ----------------------------------------------------------------
+@pytest.mark.skipif(not ON_MAIN_THREAD_UNIX, reason="POSIX signals")
+def test_critical_section_delivers_a_signal_after_the_block():
+    from ssgd_fused.critical import critical
+
+    seen = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append("handler"))
+    try:
+        with critical():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)
+            for _ in range(1000):  # bytecodes at which the handler would otherwise run
+                pass
+            seen.append("block done")
+        assert seen == ["block done", "handler"]
+        assert signal.getsignal(signal.SIGUSR1) is not None and critical._owner is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # handlers are back: delivered at once
+        time.sleep(0.01)
+        assert seen[-1] == "handler" and len(seen) == 3
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.skipif(not ON_MAIN_THREAD_UNIX, reason="POSIX signals")
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_critical_section_survives_a_signal_while_entering_or_leaving(monkeypatch, fail_on):
+    """A KeyboardInterrupt raised while the handlers are swapped (entering) or put back (leaving)
+    leaves every handler as it was and no section marked active, so later sections still defer."""
+    import _signal
+
+    from ssgd_fused import critical as C
+
+    handler = lambda s, f: None  # noqa: E731
+    old = signal.signal(signal.SIGUSR2, handler)
+    real = _signal.signal
+    calls = {"n": 0}
+
+    def flaky(sig, h):
+        calls["n"] += 1
+        if calls["n"] == fail_on:  # 1: the first swap while entering; 2: the first restore while leaving
+            raise KeyboardInterrupt
+        return real(sig, h)
+
+    try:
+        monkeypatch.setattr(C._signal, "signal", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            with C.critical():
+                pass
+        monkeypatch.setattr(C._signal, "signal", real)
+        assert C.critical._owner is None
+        assert signal.getsignal(signal.SIGUSR2) is handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with C.critical() as sec:
+            assert sec.active
+    finally:
+        signal.signal(signal.SIGUSR2, old)
