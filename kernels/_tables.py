@@ -11,6 +11,8 @@ tensor, no per-element generation. With NOFF % BLOCK == 0 the layout is the unsh
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import triton.language as tl
 
@@ -84,33 +86,63 @@ def build(idx, params, tensor_ids, scales=None, sources=None, grads=None, b1=Non
     """(meta, chunks, scales_flat, nchunks) device tensors for the tensors `idx` of the lists; with
     `filter`, a tensor's scales hold one entry per slice along dim 0 (row length in ROWLEN); with
     `offsets` (one int per param), chunks on global BLOCK boundaries (the module's docstring)."""
-    rows, chunks = [], []
-    flat, off = [], 0
-    for k, i in enumerate(idx):
+    rows, sizes = [], []
+    flat, off, nchunks = [], 0, 0
+    for i in idx:
         p = params[i]
         n = p.numel()
         s = scales[i] if scales is not None else None
         soff = -1
         if s is not None and s.numel():
             soff = off
-            flat.append(s.reshape(-1).to(device=p.device, dtype=torch.float32))
+            flat.append(s.reshape(-1))
             off += s.numel()
         noff = int(offsets[i]) if offsets is not None else 0
-        clo = len(chunks)
-        chunks.extend((k, c) for c in range(-(noff % BLOCK) if n else 0, n, BLOCK))
+        first = -(noff % BLOCK) if n else 0
+        sizes.append((n, first))
+        clo = nchunks
+        nchunks += len(range(first, n, BLOCK))
         row = [0] * NCOL.value
         row[W], row[SRC], row[G] = _addr(p), _addr(_at(sources, i)), _addr(_at(grads, i))
         row[B1], row[B2], row[B3] = _addr(_at(b1, i)), _addr(_at(b2, i)), _addr(_at(b3, i))
-        row[NUMEL], row[TID], row[SOFF], row[CLO], row[CHI] = n, int(tensor_ids[i]), soff, clo, len(chunks)
+        row[NUMEL], row[TID], row[SOFF], row[CLO], row[CHI] = n, int(tensor_ids[i]), soff, clo, nchunks
         row[ROWLEN] = max(1, n // max(1, num_slices(p, filter)))
         row[FLAG] = int(bool(flags[i])) if flags is not None else 0
         row[NOFF] = noff
         rows.append(row)
     dev = params[idx[0]].device
-    meta = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-    ch = torch.tensor(chunks if chunks else [(0, 0)], dtype=torch.int64).to(dev, non_blocking=True)
-    sflat = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.float32, device=dev)
-    return meta, ch, sflat, len(chunks)
+    meta = _upload(dev, ("meta", tuple(map(tuple, rows))), lambda: rows)
+
+    def chunk_list():
+        out = [(k, c) for k, (n, first) in enumerate(sizes) for c in range(first, n, BLOCK)]
+        return out or [(0, 0)]
+
+    ch = _upload(dev, ("chunks", tuple(sizes)), chunk_list)
+    # one conversion for all scales (they are float64 on the device already)
+    sflat = torch.cat(flat).to(device=dev, dtype=torch.float32) if flat else torch.zeros(1, dtype=torch.float32,
+                                                                                        device=dev)
+    return meta, ch, sflat, nchunks
+
+
+# Launch tables, uploaded once per content and reused: a table holds only the tensors' addresses,
+# sizes, ids and flags, which repeat from pass to pass and step to step (the caching allocator
+# hands gradients the same addresses), so a step usually uploads nothing. Keyed by content, a hit
+# is always right, whatever was freed or reallocated in between; the kernels only read tables.
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+TABLE_CACHE_SIZE = 32
+
+
+def _upload(dev, key, make):
+    key = (str(dev), key)
+    t = _TABLES.get(key)
+    if t is None:
+        t = torch.tensor(make(), dtype=torch.int64).to(dev, non_blocking=True)
+        _TABLES[key] = t
+        while len(_TABLES) > TABLE_CACHE_SIZE:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return t
 
 
 def build_rows(idx, params, tensor_ids, offsets=None):

@@ -238,3 +238,25 @@ def test_aot_compiles_for_sm80_and_sm90():
         assert row["ptx_bytes"] > 0
         if row["registers"] is not None:
             assert row["registers"] <= 255
+
+
+def test_launch_tables_are_uploaded_once_and_reused():
+    """A pass with the same tensors reuses its uploaded tables (nothing goes to the device again);
+    a different tensor (another address) gets its own table, and the results stay right."""
+    from ssgd_fused.kernels import _tables as T
+
+    params = make(torch.float32)
+    scales = scales_for(params, "rademacher")
+    T._TABLES.clear()
+    K("perturb").perturb_(params, scales, 1.0, SEED, 5, TIDS, 0, "rademacher", False)
+    first = dict(T._TABLES)
+    K("perturb").perturb_(params, scales, -1.0, SEED, 5, TIDS, 0, "rademacher", False)
+    assert dict(T._TABLES).keys() == first.keys() and all(T._TABLES[k] is first[k] for k in first)
+    moved = [p.clone() for p in params]
+    K("perturb").perturb_(moved, scales, 1.0, SEED, 5, TIDS, 0, "rademacher", False)
+    assert len(T._TABLES) == len(first) + 1  # new addresses: a new pointer table, the same chunk table
+    want = cpu(moved)
+    ref.perturb_(want, cpu(scales), -1.0, SEED, 5, TIDS, 0, "rademacher", False)
+    K("perturb").perturb_(moved, scales, -1.0, SEED, 5, TIDS, 0, "rademacher", False)
+    for a, b in zip(moved, want):
+        close(a, b, torch.float32, "rademacher", scales)
