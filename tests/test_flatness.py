@@ -451,7 +451,7 @@ def test_demo_prints_accuracy_and_flatness_without_warnings(capsys, tmp_path, mo
     monkeypatch.setattr(demo.tempfile, "gettempdir", lambda: str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rows = demo.main(["--seeds", "2", "--epochs", "1", "--batch", "1000"])
+        rows = demo.main(["--seeds", "2", "--epochs", "1", "--batch", "500", "--hessian-samples", "200"])
     out = capsys.readouterr().out
     assert "Hessian top eigenvalue" in out and "test acc" in out
     assert len(rows["sgd"]) == len(rows["ssgd"]) == 2
