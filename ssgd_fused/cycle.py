@@ -31,6 +31,7 @@ the later passes (frameworks such as Lightning call it inside the closure).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 
@@ -230,12 +231,9 @@ class NoiseCycle:
                     guard.watch()
                 self.pass_index = k
                 # DDP: gradients all-reduced once, in the last pass's backward
-                quiet = _distributed.no_sync(self.model) if k < len(schedule) - 1 else None
+                last = k == len(schedule) - 1
                 try:
-                    if quiet is not None:
-                        with quiet:
-                            yield k
-                    else:
+                    with contextlib.nullcontext() if last else _distributed.no_sync(self.model):
                         yield k
                 finally:
                     self.pass_index = None

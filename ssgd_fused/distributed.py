@@ -17,6 +17,7 @@ every rank regenerates its part with no communication. What needs the process gr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -85,10 +86,11 @@ def warn_if_ddp_without_model(params, model) -> None:
 
 
 def no_sync(model):
-    """DDP's no_sync() for the passes before the last, or None where the model has none."""
+    """DDP's no_sync() for the passes before the last; a context that does nothing for any other
+    model (or none)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.no_sync() if isinstance(model, DistributedDataParallel) else None
+    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
 
 # ---- FSDP2 / DTensor shards -----------------------------------------------------------------------
