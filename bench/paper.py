@@ -443,11 +443,7 @@ def plots(out, cells, flat, alpha, p):
     for ax, ylabel in ((axes[0], "cross-entropy"), (axes[1], "error %")):
         ax.axvline(0, color="k", lw=0.5)
         ax.axvline(1, color="k", lw=0.5)
-        ax.set_xlabel(f"t: (1 - t) w_SGD + t w_S-SGD (alpha {alpha}); mean ± std over seeds")
-        ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _log_axes(ax, f"t: (1 - t) w_SGD + t w_S-SGD (alpha {alpha}); mean ± std over seeds", ylabel)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "fig2_interpolation.png"), dpi=80)
     plt.close(fig)
@@ -456,14 +452,19 @@ def plots(out, cells, flat, alpha, p):
     t = flat[0]["scan_sgd"]["t"]
     band(ax, t, [r["scan_sgd"]["loss"] for r in flat], "SGD", "C0")
     band(ax, t, [r["scan_ssgd"]["loss"] for r in flat], f"S-SGD alpha {alpha}", "C3")
-    ax.set_xlabel("step along a filter-normalised random direction (Li et al. 2018)")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _log_axes(ax, "step along a filter-normalised random direction (Li et al. 2018)", "training loss")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "random_directions.png"), dpi=80)
     plt.close(fig)
+
+
+def _log_axes(ax, xlabel, ylabel):
+    """Labels, a log y axis, a light grid and the legend: the loss plots' common style."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 # ---- main ------------------------------------------------------------------------------------
