@@ -17,6 +17,7 @@ namespace ssgd {
 namespace SSGD_ISA {
 
 #define SSGD_INLINE static inline __attribute__((always_inline))
+#define SSGD_MEMBER inline __attribute__((always_inline))
 
 constexpr int64_t SUB = 3072;  // elements per generated sub-block: 12 KiB of noise (L1), 16 x 48 gaussian blocks
 
@@ -153,16 +154,72 @@ static void rademacher_blocks(const Stream& st, uint64_t b0, int64_t nb, float* 
   }
 }
 
-// noise for elements [e0, e0 + n) into buf (capacity n + 256); returns the pointer to element e0
-static const float* gen_range(Dist d, const Stream& st, int64_t e0, int64_t n, float* buf) {
-  if (d == Dist::Rademacher) {
+// Software prefetch of the operands a pass will stream right after generating a sub-block's
+// noise. Generation is compute-bound and touches no memory, so without it the memory system idles
+// while the noise is made and the cores idle while the operands stream in; issuing the sub-block's
+// cache lines (into L2) while its noise is generated overlaps the two.
+struct Prefetch {
+  static constexpr int MAXA = 6;
+  const char* cur[MAXA];  // next line to prefetch, per array
+  const char* end[MAXA];
+  const char* base[MAXA];
+  int64_t esz[MAXA];
+  int n = 0;
+  int64_t per_piece = 192;  // elements whose lines one step() issues: PIECE, or PIECE / 2 when two phases share them
+
+  SSGD_MEMBER void add(const void* p, int64_t elem_size) {
+    if (p == nullptr || n == MAXA) return;
+    base[n] = (const char*)p;
+    esz[n] = elem_size;
+    ++n;
+  }
+  // lines of elements [e0, e1) of each array, to be issued by step() and finish()
+  SSGD_MEMBER void start(int64_t e0, int64_t e1) {
+    for (int a = 0; a < n; ++a) {
+      cur[a] = (const char*)((uintptr_t)(base[a] + e0 * esz[a]) & ~(uintptr_t)63);
+      end[a] = base[a] + e1 * esz[a];
+    }
+  }
+  // issues the lines of the next per_piece elements of each array
+  SSGD_MEMBER void step() {
+    for (int a = 0; a < n; ++a) {
+      const char* stop = cur[a] + per_piece * esz[a];
+      if (stop > end[a]) stop = end[a];
+      for (; cur[a] < stop; cur[a] += 64) __builtin_prefetch(cur[a], 1, 2);
+    }
+  }
+  SSGD_MEMBER void idle() {  // nothing to issue for this sub-block
+    for (int a = 0; a < n; ++a) cur[a] = end[a] = nullptr;
+  }
+  SSGD_MEMBER void finish() {
+    for (int a = 0; a < n; ++a)
+      for (; cur[a] < end[a]; cur[a] += 64) __builtin_prefetch(cur[a], 1, 2);
+  }
+};
+
+constexpr int64_t PIECE = 192;  // gaussian elements generated between prefetch steps (48 blocks)
+
+// noise for elements [e0, e0 + n) into buf (capacity n + 256); returns the pointer to element e0.
+// pf (optional) is stepped through its range while the noise is generated.
+static const float* gen_range(Dist d, const Stream& st, int64_t e0, int64_t n, float* buf, Prefetch* pf = nullptr) {
+  if (d == Dist::Rademacher) {  // one Philox call per 128 elements: memory-bound, the hardware prefetches
     int64_t b0 = e0 >> 7, b1 = (e0 + n + 127) >> 7;
     rademacher_blocks(st, (uint64_t)b0, b1 - b0, buf);
     return buf + (e0 & 127);
   }
   int64_t b0 = e0 >> 2, b1 = (e0 + n + 3) >> 2;
-  if (d == Dist::Gauss) gauss_blocks(st, (uint64_t)b0, b1 - b0, buf);
-  else uniform_blocks(st, (uint64_t)b0, b1 - b0, buf);
+  if (pf == nullptr || pf->n == 0) {
+    if (d == Dist::Gauss) gauss_blocks(st, (uint64_t)b0, b1 - b0, buf);
+    else uniform_blocks(st, (uint64_t)b0, b1 - b0, buf);
+  } else {
+    for (int64_t b = b0; b < b1; b += PIECE / 4) {
+      const int64_t nb = min64(PIECE / 4, b1 - b);
+      if (d == Dist::Gauss) gauss_blocks(st, (uint64_t)b, nb, buf + 4 * (b - b0));
+      else uniform_blocks(st, (uint64_t)b, nb, buf + 4 * (b - b0));
+      pf->step();
+    }
+    if (pf->per_piece == PIECE) pf->finish();  // else the caller's next phase issues the rest
+  }
   return buf + (e0 & 3);
 }
 
@@ -226,13 +283,16 @@ struct F16 {
 // stream's element r.noff + e (gen_range takes any start; an unaligned shard costs one extra Philox
 // block per sub-block).
 template <class F>
-SSGD_INLINE void for_segments(const Range& r, F&& f) {
+SSGD_INLINE void for_segments(const Range& r, Prefetch& pf, F&& f) {
   alignas(64) float buf[SUB + 256];
   const bool noisy = r.scales != nullptr && r.coef != 0.0f;
   const int64_t end = r.e0 + r.n;
   for (int64_t s0 = r.e0; s0 < end; s0 += SUB) {
     const int64_t s1 = min64(s0 + SUB, end);
-    const float* u = noisy ? gen_range(r.dist, r.st, r.noff + s0, s1 - s0, buf) : nullptr;
+    // rademacher noise is cheap to make: the hardware prefetcher keeps up on its own
+    if (noisy && r.dist != Dist::Rademacher) pf.start(s0, s1);
+    else pf.idle();
+    const float* u = noisy ? gen_range(r.dist, r.st, r.noff + s0, s1 - s0, buf, &pf) : nullptr;
     for (int64_t e = s0; e < s1;) {
       const int64_t row = e / r.row_len;
       const int64_t seg_end = min64(s1, (row + 1) * r.row_len);
@@ -244,56 +304,84 @@ SSGD_INLINE void for_segments(const Range& r, F&& f) {
 }
 
 // ---- norms -----------------------------------------------------------------------------------
+// Norms are summed per (sub-block x row) segment, the segments of `for_segments`, by these two
+// functions: the norm pass, the update passes (the next step's norms) and the perturb pass (which
+// checks the cached norm) all produce bitwise the same sum for the same weights.
+template <class S>
+static __attribute__((noinline)) double sumsq(const typename S::T* __restrict w, int64_t i0, int64_t i1) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = i0; i < i1; ++i) {
+    double x = (double)S::ld(w[i]);
+    acc += x * x;
+  }
+  return acc;
+}
+
+// ||u||^2 of the stream's elements [ge, gend) (the stream's global element indices)
+static double u_sq_segment(Dist d, const Stream& st, int64_t ge, int64_t gend, Prefetch* pf = nullptr) {
+  if (d == Dist::Rademacher) return (double)(gend - ge);
+  double uacc = 0.0;
+  if (d == Dist::Gauss) {
+    // whole blocks by r^2 = -2 ln u (no sin/cos); partial blocks at the ends generated and squared
+    alignas(64) float tmp[8];
+    auto edge = [&](int64_t i0, int64_t i1) {  // [i0, i1) lies within at most two blocks
+      if (i0 >= i1) return;
+      const float* z = gen_range(d, st, i0, i1 - i0, tmp);
+      for (int64_t i = 0; i < i1 - i0; ++i) uacc += (double)z[i] * (double)z[i];
+    };
+    const int64_t a = (ge + 3) & ~(int64_t)3, b = gend & ~(int64_t)3;  // whole blocks: global alignment
+    if (a >= b) {
+      edge(ge, gend);
+    } else {
+      edge(ge, a);
+      if (pf == nullptr || pf->n == 0) {
+        for (int64_t b0 = a; b0 < b; b0 += 4 * SUB)
+          uacc += gauss_sq_blocks(st, (uint64_t)(b0 >> 2), min64(SUB, (b - b0) >> 2));
+      } else {
+        for (int64_t b0 = a; b0 < b; b0 += PIECE) {
+          uacc += gauss_sq_blocks(st, (uint64_t)(b0 >> 2), min64(PIECE, b - b0) >> 2);
+          pf->step();
+        }
+      }
+      edge(b, gend);
+    }
+    return uacc;
+  }
+  alignas(64) float buf[SUB + 256];
+  for (int64_t s0 = ge; s0 < gend; s0 += SUB) {
+    int64_t m = min64(SUB, gend - s0);
+    const float* z = gen_range(d, st, s0, m, buf);
+    double a = 0.0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t i = 0; i < m; ++i) a += (double)z[i] * (double)z[i];
+    uacc += a;
+  }
+  return uacc;
+}
+
+// Adds ||w||^2 and ||u||^2 (u: the stream `st`) of the segment [i0, i1) of row `row` to the item's
+// partial sums (indexed from the item's first row).
+template <class S>
+SSGD_INLINE void add_norms(const typename S::T* w, const Range& r, const Stream& st, int64_t i0, int64_t i1,
+                           int64_t row, double* w2, double* u2) {
+  const int64_t first_row = r.e0 / r.row_len;
+  w2[row - first_row] += sumsq<S>(w, i0, i1);
+  u2[row - first_row] += u_sq_segment(r.dist, st, r.noff + i0, r.noff + i1);
+}
+
 template <class S>
 static void norms_t(const void* wv, const Range& r, double* w2, double* u2) {
   const typename S::T* w = (const typename S::T*)wv;
-  const int64_t first_row = r.e0 / r.row_len;
   const int64_t end = r.e0 + r.n;
-  for (int64_t e = r.e0; e < end;) {
-    const int64_t row = e / r.row_len;
-    const int64_t seg_end = min64(end, (row + 1) * r.row_len);
-    double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = e; i < seg_end; ++i) {
-      double x = (double)S::ld(w[i]);
-      acc += x * x;
+  for (int64_t s0 = r.e0; s0 < end; s0 += SUB) {  // the segments of for_segments
+    const int64_t s1 = min64(s0 + SUB, end);
+    for (int64_t e = s0; e < s1;) {
+      const int64_t row = e / r.row_len;
+      const int64_t seg_end = min64(s1, (row + 1) * r.row_len);
+      add_norms<S>(w, r, r.st, e, seg_end, row, w2, u2);
+      e = seg_end;
     }
-    w2[row - first_row] += acc;
-    // ||u||^2 of the segment, in the stream's (global) element indices [ge, gend)
-    double uacc = 0.0;
-    const int64_t ge = r.noff + e, gend = r.noff + seg_end;
-    if (r.dist == Dist::Rademacher) {
-      uacc = (double)(seg_end - e);
-    } else if (r.dist == Dist::Gauss) {
-      // whole blocks by r^2 = -2 ln u (no sin/cos); partial blocks at the ends generated and squared
-      alignas(64) float tmp[8];
-      auto edge = [&](int64_t i0, int64_t i1) {  // [i0, i1) lies within at most two blocks
-        if (i0 >= i1) return;
-        const float* z = gen_range(r.dist, r.st, i0, i1 - i0, tmp);
-        for (int64_t i = 0; i < i1 - i0; ++i) uacc += (double)z[i] * (double)z[i];
-      };
-      const int64_t a = (ge + 3) & ~(int64_t)3, b = gend & ~(int64_t)3;  // whole blocks: global alignment
-      if (a >= b) {
-        edge(ge, gend);
-      } else {
-        edge(ge, a);
-        for (int64_t b0 = a; b0 < b; b0 += 4 * SUB)
-          uacc += gauss_sq_blocks(r.st, (uint64_t)(b0 >> 2), min64(SUB, (b - b0) >> 2));
-        edge(b, gend);
-      }
-    } else {
-      alignas(64) float buf[SUB + 256];
-      for (int64_t s0 = ge; s0 < gend; s0 += SUB) {
-        int64_t m = min64(SUB, gend - s0);
-        const float* z = gen_range(r.dist, r.st, s0, m, buf);
-        double a = 0.0;
-#pragma omp simd reduction(+ : a)
-        for (int64_t i = 0; i < m; ++i) a += (double)z[i] * (double)z[i];
-        uacc += a;
-      }
-    }
-    u2[row - first_row] += uacc;
-    e = seg_end;
   }
 }
 
@@ -303,7 +391,8 @@ static void perturb_t(void* wv, const void* srcv, const Range& r) {
   using T = typename S::T;
   T* __restrict w = (T*)wv;
   const T* src = (const T*)srcv;
-  for_segments(r, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
+  Prefetch pf;  // none: measured no gain for one read-modify-write stream (docs/PERFORMANCE.md)
+  for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
     const T* __restrict base = src ? src : w;
     if (u) {
 #pragma omp simd
@@ -342,7 +431,8 @@ SSGD_INLINE void restore_elem(const typename S::T* base, const float* uu, typena
 //   d = g (+ wd * w, one fma) ; buf = buf * m + (1 - damp) * d (mul, then fma) or d on the first step
 //   d = d + m * buf (fma, nesterov) or buf ; w = w - lr * d (fma)
 template <class S, bool MOM, bool NEST, bool WD>
-static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, const SgdArgs& a, const Range& r) {
+static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, const SgdArgs& a, const Range& r,
+                  const NormOut* nn) {
   using T = typename S::T;
   T* __restrict w = (T*)wv;
   const T* src = (const T*)srcv;
@@ -351,9 +441,18 @@ static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, cons
   const float lr = -a.lr, m = a.momentum, omd = a.one_minus_dampening, wd = a.weight_decay;
   const float sgn = a.maximize ? -1.0f : 1.0f;
   const bool init = a.init_momentum;
-  for_segments(r, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
+  Prefetch pf;
+  pf.add(w, sizeof(T));
+  pf.add(src, sizeof(T));
+  pf.add(g, sizeof(T));
+  pf.add(buf, sizeof(T));
+  if (nn) pf.per_piece = PIECE / 2;  // half the lines while the noise is made, half during the next ||u||^2
+  for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t row) {
     const T* __restrict base = src ? src : w;
     const float* __restrict uu = u ? u - i0 : nullptr;
+    // the next step's ||u||^2 before the loop (compute, while the prefetched operands arrive)
+    if (nn) nn->u2[row - r.e0 / r.row_len] += u_sq_segment(r.dist, nn->st, r.noff + i0, r.noff + i1, &pf);
+    pf.finish();
     // the per-segment conditions are hoisted out of the loop, so that its body has no masked loads
     auto loop = [&](auto noisy, auto first) {
       constexpr bool NOISY = decltype(noisy)::value, FIRST = decltype(first)::value;
@@ -379,13 +478,14 @@ static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, cons
       if (init) loop(Flag<false>{}, Flag<true>{});
       else loop(Flag<false>{}, Flag<false>{});
     }
+    if (nn) nn->w2[row - r.e0 / r.row_len] += sumsq<S>(w, i0, i1);  // the new weights, in L1
   });
 }
 
 // ---- restore + Adam / AdamW --------------------------------------------------------------------
 template <class S, bool AMS>
 static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, void* xv, float gs, const AdamArgs& a,
-                   const Range& r) {
+                   const Range& r, const NormOut* nn) {
   using T = typename S::T;
   T* __restrict w = (T*)wv;
   const T* src = (const T*)srcv;
@@ -399,9 +499,19 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
   const float w1 = a.one_minus_beta1, b2 = a.beta2, omb2 = a.one_minus_beta2;
   const float neg_step = -a.step_size, bc2 = a.bc2_sqrt, eps = a.eps;
   const bool small_w = w1 < 0.5f;  // ATen lerp: fma(w, end - start, start) or fma(w - 1, end - start, end)
-  for_segments(r, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
+  Prefetch pf;
+  pf.add(w, sizeof(T));
+  pf.add(src, sizeof(T));
+  pf.add(g, sizeof(T));
+  pf.add(m1, sizeof(T));
+  pf.add(m2, sizeof(T));
+  if (AMS) pf.add(mx, sizeof(T));
+  if (nn) pf.per_piece = PIECE / 2;  // half the lines while the noise is made, half during the next ||u||^2
+  for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t row) {
     const T* __restrict base = src ? src : w;
     const float* __restrict uu = u ? u - i0 : nullptr;
+    if (nn) nn->u2[row - r.e0 / r.row_len] += u_sq_segment(r.dist, nn->st, r.noff + i0, r.noff + i1, &pf);
+    pf.finish();
     auto loop = [&](auto noisy) {
       constexpr bool NOISY = decltype(noisy)::value;
 #pragma omp simd
@@ -431,6 +541,7 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
     };
     if (uu) loop(Flag<true>{});
     else loop(Flag<false>{});
+    if (nn) nn->w2[row - r.e0 / r.row_len] += sumsq<S>(w, i0, i1);
   });
 }
 
@@ -451,28 +562,30 @@ static void restore_k(DT dt, void* w, const void* src, void* g, float gs, const 
 }
 
 template <class S>
-static void sgd_s(void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r) {
+static void sgd_s(void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r,
+                  const NormOut* nn) {
   const bool mom = a.momentum != 0.0f, wd = a.weight_decay != 0.0f, nest = a.nesterov && mom;
   if (!mom) {
-    if (wd) sgd_t<S, false, false, true>(w, src, g, b, gs, a, r);
-    else sgd_t<S, false, false, false>(w, src, g, b, gs, a, r);
+    if (wd) sgd_t<S, false, false, true>(w, src, g, b, gs, a, r, nn);
+    else sgd_t<S, false, false, false>(w, src, g, b, gs, a, r, nn);
   } else if (nest) {
-    if (wd) sgd_t<S, true, true, true>(w, src, g, b, gs, a, r);
-    else sgd_t<S, true, true, false>(w, src, g, b, gs, a, r);
+    if (wd) sgd_t<S, true, true, true>(w, src, g, b, gs, a, r, nn);
+    else sgd_t<S, true, true, false>(w, src, g, b, gs, a, r, nn);
   } else {
-    if (wd) sgd_t<S, true, false, true>(w, src, g, b, gs, a, r);
-    else sgd_t<S, true, false, false>(w, src, g, b, gs, a, r);
+    if (wd) sgd_t<S, true, false, true>(w, src, g, b, gs, a, r, nn);
+    else sgd_t<S, true, false, false>(w, src, g, b, gs, a, r, nn);
   }
 }
-static void sgd_k(DT dt, void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r) {
-  SSGD_DT_SWITCH(dt, (sgd_s<S>(w, src, g, b, gs, a, r)))
+static void sgd_k(DT dt, void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r,
+                  const NormOut* nn) {
+  SSGD_DT_SWITCH(dt, (sgd_s<S>(w, src, g, b, gs, a, r, nn)))
 }
 static void adam_k(DT dt, void* w, const void* src, void* g, void* m, void* v, void* x, float gs, const AdamArgs& a,
-                   const Range& r) {
+                   const Range& r, const NormOut* nn) {
   if (a.amsgrad) {
-    SSGD_DT_SWITCH(dt, (adam_t<S, true>(w, src, g, m, v, x, gs, a, r)))
+    SSGD_DT_SWITCH(dt, (adam_t<S, true>(w, src, g, m, v, x, gs, a, r, nn)))
   } else {
-    SSGD_DT_SWITCH(dt, (adam_t<S, false>(w, src, g, m, v, x, gs, a, r)))
+    SSGD_DT_SWITCH(dt, (adam_t<S, false>(w, src, g, m, v, x, gs, a, r, nn)))
   }
 }
 #undef SSGD_DT_SWITCH
