@@ -42,14 +42,6 @@ struct AdamArgs {
   bool decoupled, amsgrad, maximize;
 };
 
-// Where an update kernel adds the next step's norms: ||w||^2 of the updated weights and ||u||^2 of
-// the stream `st` (the next step's), per row the range touches (index 0 = its first row).
-struct NormOut {
-  Stream st;
-  double* w2;
-  double* u2;
-};
-
 // Per-ISA kernels; each processes one Range. Pointers are tensor base pointers (element 0).
 struct KernelTable {
   const char* name;
@@ -61,13 +53,12 @@ struct KernelTable {
   void (*perturb)(DT dt, void* w, const void* src, const Range& r);
   // perturb, and g *= grad_scale when g != nullptr
   void (*restore)(DT dt, void* w, const void* src, void* g, float grad_scale, const Range& r);
-  // restore, g *= grad_scale (written back), then torch.optim.SGD's update; adds the next step's
-  // norms to *next unless it is nullptr
+  // restore, g *= grad_scale (written back), then torch.optim.SGD's update
   void (*sgd)(DT dt, void* w, const void* src, void* g, void* buf, float grad_scale, const SgdArgs& a,
-              const Range& r, const NormOut* next);
-  // restore, g *= grad_scale (written back), then torch.optim.Adam/AdamW's update; next as for sgd
+              const Range& r);
+  // restore, g *= grad_scale (written back), then torch.optim.Adam/AdamW's update
   void (*adam)(DT dt, void* w, const void* src, void* g, void* m, void* v, void* vmax, float grad_scale,
-               const AdamArgs& a, const Range& r, const NormOut* next);
+               const AdamArgs& a, const Range& r);
 };
 
 const KernelTable* table_scalar();

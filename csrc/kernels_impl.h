@@ -165,7 +165,6 @@ struct Prefetch {
   const char* base[MAXA];
   int64_t esz[MAXA];
   int n = 0;
-  int64_t per_piece = 192;  // elements whose lines one step() issues: PIECE, or PIECE / 2 when two phases share them
 
   SSGD_MEMBER void add(const void* p, int64_t elem_size) {
     if (p == nullptr || n == MAXA) return;
@@ -180,10 +179,10 @@ struct Prefetch {
       end[a] = base[a] + e1 * esz[a];
     }
   }
-  // issues the lines of the next per_piece elements of each array
-  SSGD_MEMBER void step() {
+  // issues the lines of the next m elements of each array
+  SSGD_MEMBER void step(int64_t m) {
     for (int a = 0; a < n; ++a) {
-      const char* stop = cur[a] + per_piece * esz[a];
+      const char* stop = cur[a] + m * esz[a];
       if (stop > end[a]) stop = end[a];
       for (; cur[a] < stop; cur[a] += 64) __builtin_prefetch(cur[a], 1, 2);
     }
@@ -216,9 +215,9 @@ static const float* gen_range(Dist d, const Stream& st, int64_t e0, int64_t n, f
       const int64_t nb = min64(PIECE / 4, b1 - b);
       if (d == Dist::Gauss) gauss_blocks(st, (uint64_t)b, nb, buf + 4 * (b - b0));
       else uniform_blocks(st, (uint64_t)b, nb, buf + 4 * (b - b0));
-      pf->step();
+      pf->step(PIECE);
     }
-    if (pf->per_piece == PIECE) pf->finish();  // else the caller's next phase issues the rest
+    pf->finish();
   }
   return buf + (e0 & 3);
 }
@@ -304,84 +303,56 @@ SSGD_INLINE void for_segments(const Range& r, Prefetch& pf, F&& f) {
 }
 
 // ---- norms -----------------------------------------------------------------------------------
-// Norms are summed per (sub-block x row) segment, the segments of `for_segments`, by these two
-// functions: the norm pass, the update passes (the next step's norms) and the perturb pass (which
-// checks the cached norm) all produce bitwise the same sum for the same weights.
-template <class S>
-static __attribute__((noinline)) double sumsq(const typename S::T* __restrict w, int64_t i0, int64_t i1) {
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = i0; i < i1; ++i) {
-    double x = (double)S::ld(w[i]);
-    acc += x * x;
-  }
-  return acc;
-}
-
-// ||u||^2 of the stream's elements [ge, gend) (the stream's global element indices)
-static double u_sq_segment(Dist d, const Stream& st, int64_t ge, int64_t gend, Prefetch* pf = nullptr) {
-  if (d == Dist::Rademacher) return (double)(gend - ge);
-  double uacc = 0.0;
-  if (d == Dist::Gauss) {
-    // whole blocks by r^2 = -2 ln u (no sin/cos); partial blocks at the ends generated and squared
-    alignas(64) float tmp[8];
-    auto edge = [&](int64_t i0, int64_t i1) {  // [i0, i1) lies within at most two blocks
-      if (i0 >= i1) return;
-      const float* z = gen_range(d, st, i0, i1 - i0, tmp);
-      for (int64_t i = 0; i < i1 - i0; ++i) uacc += (double)z[i] * (double)z[i];
-    };
-    const int64_t a = (ge + 3) & ~(int64_t)3, b = gend & ~(int64_t)3;  // whole blocks: global alignment
-    if (a >= b) {
-      edge(ge, gend);
-    } else {
-      edge(ge, a);
-      if (pf == nullptr || pf->n == 0) {
-        for (int64_t b0 = a; b0 < b; b0 += 4 * SUB)
-          uacc += gauss_sq_blocks(st, (uint64_t)(b0 >> 2), min64(SUB, (b - b0) >> 2));
-      } else {
-        for (int64_t b0 = a; b0 < b; b0 += PIECE) {
-          uacc += gauss_sq_blocks(st, (uint64_t)(b0 >> 2), min64(PIECE, b - b0) >> 2);
-          pf->step();
-        }
-      }
-      edge(b, gend);
-    }
-    return uacc;
-  }
-  alignas(64) float buf[SUB + 256];
-  for (int64_t s0 = ge; s0 < gend; s0 += SUB) {
-    int64_t m = min64(SUB, gend - s0);
-    const float* z = gen_range(d, st, s0, m, buf);
-    double a = 0.0;
-#pragma omp simd reduction(+ : a)
-    for (int64_t i = 0; i < m; ++i) a += (double)z[i] * (double)z[i];
-    uacc += a;
-  }
-  return uacc;
-}
-
-// Adds ||w||^2 and ||u||^2 (u: the stream `st`) of the segment [i0, i1) of row `row` to the item's
-// partial sums (indexed from the item's first row).
-template <class S>
-SSGD_INLINE void add_norms(const typename S::T* w, const Range& r, const Stream& st, int64_t i0, int64_t i1,
-                           int64_t row, double* w2, double* u2) {
-  const int64_t first_row = r.e0 / r.row_len;
-  w2[row - first_row] += sumsq<S>(w, i0, i1);
-  u2[row - first_row] += u_sq_segment(r.dist, st, r.noff + i0, r.noff + i1);
-}
-
 template <class S>
 static void norms_t(const void* wv, const Range& r, double* w2, double* u2) {
   const typename S::T* w = (const typename S::T*)wv;
+  const int64_t first_row = r.e0 / r.row_len;
   const int64_t end = r.e0 + r.n;
-  for (int64_t s0 = r.e0; s0 < end; s0 += SUB) {  // the segments of for_segments
-    const int64_t s1 = min64(s0 + SUB, end);
-    for (int64_t e = s0; e < s1;) {
-      const int64_t row = e / r.row_len;
-      const int64_t seg_end = min64(s1, (row + 1) * r.row_len);
-      add_norms<S>(w, r, r.st, e, seg_end, row, w2, u2);
-      e = seg_end;
+  for (int64_t e = r.e0; e < end;) {
+    const int64_t row = e / r.row_len;
+    const int64_t seg_end = min64(end, (row + 1) * r.row_len);
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = e; i < seg_end; ++i) {
+      double x = (double)S::ld(w[i]);
+      acc += x * x;
     }
+    w2[row - first_row] += acc;
+    // ||u||^2 of the segment, in the stream's (global) element indices [ge, gend)
+    double uacc = 0.0;
+    const int64_t ge = r.noff + e, gend = r.noff + seg_end;
+    if (r.dist == Dist::Rademacher) {
+      uacc = (double)(seg_end - e);
+    } else if (r.dist == Dist::Gauss) {
+      // whole blocks by r^2 = -2 ln u (no sin/cos); partial blocks at the ends generated and squared
+      alignas(64) float tmp[8];
+      auto edge = [&](int64_t i0, int64_t i1) {  // [i0, i1) lies within at most two blocks
+        if (i0 >= i1) return;
+        const float* z = gen_range(r.dist, r.st, i0, i1 - i0, tmp);
+        for (int64_t i = 0; i < i1 - i0; ++i) uacc += (double)z[i] * (double)z[i];
+      };
+      const int64_t a = (ge + 3) & ~(int64_t)3, b = gend & ~(int64_t)3;  // whole blocks: global alignment
+      if (a >= b) {
+        edge(ge, gend);
+      } else {
+        edge(ge, a);
+        for (int64_t b0 = a; b0 < b; b0 += 4 * SUB)
+          uacc += gauss_sq_blocks(r.st, (uint64_t)(b0 >> 2), min64(SUB, (b - b0) >> 2));
+        edge(b, gend);
+      }
+    } else {
+      alignas(64) float buf[SUB + 256];
+      for (int64_t s0 = ge; s0 < gend; s0 += SUB) {
+        int64_t m = min64(SUB, gend - s0);
+        const float* z = gen_range(r.dist, r.st, s0, m, buf);
+        double a = 0.0;
+#pragma omp simd reduction(+ : a)
+        for (int64_t i = 0; i < m; ++i) a += (double)z[i] * (double)z[i];
+        uacc += a;
+      }
+    }
+    u2[row - first_row] += uacc;
+    e = seg_end;
   }
 }
 
@@ -391,7 +362,7 @@ static void perturb_t(void* wv, const void* srcv, const Range& r) {
   using T = typename S::T;
   T* __restrict w = (T*)wv;
   const T* src = (const T*)srcv;
-  Prefetch pf;  // none: measured no gain for one read-modify-write stream (docs/PERFORMANCE.md)
+  Prefetch pf;  // none: no gain measured for one read-modify-write stream (docs/PERFORMANCE.md)
   for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
     const T* __restrict base = src ? src : w;
     if (u) {
@@ -431,8 +402,7 @@ SSGD_INLINE void restore_elem(const typename S::T* base, const float* uu, typena
 //   d = g (+ wd * w, one fma) ; buf = buf * m + (1 - damp) * d (mul, then fma) or d on the first step
 //   d = d + m * buf (fma, nesterov) or buf ; w = w - lr * d (fma)
 template <class S, bool MOM, bool NEST, bool WD>
-static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, const SgdArgs& a, const Range& r,
-                  const NormOut* nn) {
+static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, const SgdArgs& a, const Range& r) {
   using T = typename S::T;
   T* __restrict w = (T*)wv;
   const T* src = (const T*)srcv;
@@ -446,13 +416,9 @@ static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, cons
   pf.add(src, sizeof(T));
   pf.add(g, sizeof(T));
   pf.add(buf, sizeof(T));
-  if (nn) pf.per_piece = PIECE / 2;  // half the lines while the noise is made, half during the next ||u||^2
-  for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t row) {
+  for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
     const T* __restrict base = src ? src : w;
     const float* __restrict uu = u ? u - i0 : nullptr;
-    // the next step's ||u||^2 before the loop (compute, while the prefetched operands arrive)
-    if (nn) nn->u2[row - r.e0 / r.row_len] += u_sq_segment(r.dist, nn->st, r.noff + i0, r.noff + i1, &pf);
-    pf.finish();
     // the per-segment conditions are hoisted out of the loop, so that its body has no masked loads
     auto loop = [&](auto noisy, auto first) {
       constexpr bool NOISY = decltype(noisy)::value, FIRST = decltype(first)::value;
@@ -478,14 +444,13 @@ static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, cons
       if (init) loop(Flag<false>{}, Flag<true>{});
       else loop(Flag<false>{}, Flag<false>{});
     }
-    if (nn) nn->w2[row - r.e0 / r.row_len] += sumsq<S>(w, i0, i1);  // the new weights, in L1
   });
 }
 
 // ---- restore + Adam / AdamW --------------------------------------------------------------------
 template <class S, bool AMS>
 static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, void* xv, float gs, const AdamArgs& a,
-                   const Range& r, const NormOut* nn) {
+                   const Range& r) {
   using T = typename S::T;
   T* __restrict w = (T*)wv;
   const T* src = (const T*)srcv;
@@ -506,12 +471,9 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
   pf.add(m1, sizeof(T));
   pf.add(m2, sizeof(T));
   if (AMS) pf.add(mx, sizeof(T));
-  if (nn) pf.per_piece = PIECE / 2;  // half the lines while the noise is made, half during the next ||u||^2
-  for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t row) {
+  for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
     const T* __restrict base = src ? src : w;
     const float* __restrict uu = u ? u - i0 : nullptr;
-    if (nn) nn->u2[row - r.e0 / r.row_len] += u_sq_segment(r.dist, nn->st, r.noff + i0, r.noff + i1, &pf);
-    pf.finish();
     auto loop = [&](auto noisy) {
       constexpr bool NOISY = decltype(noisy)::value;
 #pragma omp simd
@@ -541,7 +503,6 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
     };
     if (uu) loop(Flag<true>{});
     else loop(Flag<false>{});
-    if (nn) nn->w2[row - r.e0 / r.row_len] += sumsq<S>(w, i0, i1);
   });
 }
 
@@ -562,30 +523,28 @@ static void restore_k(DT dt, void* w, const void* src, void* g, float gs, const 
 }
 
 template <class S>
-static void sgd_s(void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r,
-                  const NormOut* nn) {
+static void sgd_s(void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r) {
   const bool mom = a.momentum != 0.0f, wd = a.weight_decay != 0.0f, nest = a.nesterov && mom;
   if (!mom) {
-    if (wd) sgd_t<S, false, false, true>(w, src, g, b, gs, a, r, nn);
-    else sgd_t<S, false, false, false>(w, src, g, b, gs, a, r, nn);
+    if (wd) sgd_t<S, false, false, true>(w, src, g, b, gs, a, r);
+    else sgd_t<S, false, false, false>(w, src, g, b, gs, a, r);
   } else if (nest) {
-    if (wd) sgd_t<S, true, true, true>(w, src, g, b, gs, a, r, nn);
-    else sgd_t<S, true, true, false>(w, src, g, b, gs, a, r, nn);
+    if (wd) sgd_t<S, true, true, true>(w, src, g, b, gs, a, r);
+    else sgd_t<S, true, true, false>(w, src, g, b, gs, a, r);
   } else {
-    if (wd) sgd_t<S, true, false, true>(w, src, g, b, gs, a, r, nn);
-    else sgd_t<S, true, false, false>(w, src, g, b, gs, a, r, nn);
+    if (wd) sgd_t<S, true, false, true>(w, src, g, b, gs, a, r);
+    else sgd_t<S, true, false, false>(w, src, g, b, gs, a, r);
   }
 }
-static void sgd_k(DT dt, void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r,
-                  const NormOut* nn) {
-  SSGD_DT_SWITCH(dt, (sgd_s<S>(w, src, g, b, gs, a, r, nn)))
+static void sgd_k(DT dt, void* w, const void* src, void* g, void* b, float gs, const SgdArgs& a, const Range& r) {
+  SSGD_DT_SWITCH(dt, (sgd_s<S>(w, src, g, b, gs, a, r)))
 }
 static void adam_k(DT dt, void* w, const void* src, void* g, void* m, void* v, void* x, float gs, const AdamArgs& a,
-                   const Range& r, const NormOut* nn) {
+                   const Range& r) {
   if (a.amsgrad) {
-    SSGD_DT_SWITCH(dt, (adam_t<S, true>(w, src, g, m, v, x, gs, a, r, nn)))
+    SSGD_DT_SWITCH(dt, (adam_t<S, true>(w, src, g, m, v, x, gs, a, r)))
   } else {
-    SSGD_DT_SWITCH(dt, (adam_t<S, false>(w, src, g, m, v, x, gs, a, r, nn)))
+    SSGD_DT_SWITCH(dt, (adam_t<S, false>(w, src, g, m, v, x, gs, a, r)))
   }
 }
 #undef SSGD_DT_SWITCH

@@ -337,9 +337,9 @@ void restore_op(at::TensorList params, at::TensorList grads, at::TensorList scal
 }
 
 // The update ops can also write the norms of the updated weights and of the next step's noise into
-// next_w_sq / next_u_sq (the next cycle then skips its norm pass): the kernels add them per
-// segment, ||u||^2 while the segment's operands are being fetched and ||w||^2 from the new weights
-// in L1. Entries with numel 0 are skipped; empty lists turn it off.
+// next_w_sq / next_u_sq (the next cycle then skips its norm pass): computed per item right after the
+// update, while the item's weights are still in cache. Entries with numel 0 are skipped; empty lists
+// turn it off.
 struct NextNorms {
   at::TensorList w2, u2;
   uint32_t step;
@@ -365,14 +365,11 @@ struct NextNorms {
     parts = std::make_unique<NormPartials>(jobs, items);
   }
 
-  // where item k of param j adds its next-step norms (nullptr: none wanted)
-  bool out(const Range& r, int32_t j, size_t k, NormOut& o) const {
-    if (!parts || w2[j].numel() == 0) return false;
-    o.st = r.st;
-    o.st.step = step;
-    o.w2 = &parts->pw[parts->off[k]];
-    o.u2 = &parts->pu[parts->off[k]];
-    return true;
+  void add(const KernelTable* t, DT dt, const void* w, const Range& r, int32_t j, size_t k) {
+    if (!parts || w2[j].numel() == 0) return;
+    Range nr = r;
+    nr.st.step = step;
+    parts->add(t, dt, w, nr, k);
   }
 
   void finish(const std::vector<Job>& jobs) {
@@ -410,10 +407,9 @@ void restore_update_sgd_op(at::TensorList params, at::TensorList grads, at::Tens
     a.init_momentum = momentum != 0.0 && init_momentum.get(j);
     const at::Tensor* src = source_of(sources, j);
     const DT dt = dtype_of(params[j], "params", j);
-    NormOut o;
     t->sgd(dt, params[j].data_ptr(), src ? src->data_ptr() : nullptr, grads[j].data_ptr(),
-           momentum != 0.0 ? momentum_buffers[j].data_ptr() : nullptr, (float)grad_scale, a, r,
-           next.out(r, j, k, o) ? &o : nullptr);
+           momentum != 0.0 ? momentum_buffers[j].data_ptr() : nullptr, (float)grad_scale, a, r);
+    next.add(t, dt, params[j].data_ptr(), r, j, k);
   });
   next.finish(jobs);
 }
@@ -462,10 +458,10 @@ void restore_update_adam_op(at::TensorList params, at::TensorList grads, at::Ten
   run_items(jobs, next.items, [&](int32_t j, const Range& r, size_t k) {
     const at::Tensor* src = source_of(sources, j);
     const DT dt = dtype_of(params[j], "params", j);
-    NormOut o;
     t->adam(dt, params[j].data_ptr(), src ? src->data_ptr() : nullptr, grads[j].data_ptr(), exp_avgs[j].data_ptr(),
             exp_avg_sqs[j].data_ptr(), amsgrad ? max_exp_avg_sqs[j].data_ptr() : nullptr, (float)grad_scale, args[j],
-            r, next.out(r, j, k, o) ? &o : nullptr);
+            r);
+    next.add(t, dt, params[j].data_ptr(), r, j, k);
   });
   next.finish(jobs);
 }
