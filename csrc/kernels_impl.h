@@ -303,6 +303,20 @@ SSGD_INLINE void for_segments(const Range& r, Prefetch& pf, F&& f) {
 }
 
 // ---- norms -----------------------------------------------------------------------------------
+// ||w||^2 of w[i0, i1). One out-of-line function for every caller and distribution: the cycle
+// compares the update pass's ||w||^2 with the next move's for equality, so the summation must not
+// depend on the code around it (inlined copies can be vectorised with different remainders).
+template <class S>
+static __attribute__((noinline)) double sumsq(const typename S::T* __restrict w, int64_t i0, int64_t i1) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = i0; i < i1; ++i) {
+    double x = (double)S::ld(w[i]);
+    acc += x * x;
+  }
+  return acc;
+}
+
 template <class S>
 static void norms_t(const void* wv, const Range& r, double* w2, double* u2) {
   const typename S::T* w = (const typename S::T*)wv;
@@ -311,13 +325,7 @@ static void norms_t(const void* wv, const Range& r, double* w2, double* u2) {
   for (int64_t e = r.e0; e < end;) {
     const int64_t row = e / r.row_len;
     const int64_t seg_end = min64(end, (row + 1) * r.row_len);
-    double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = e; i < seg_end; ++i) {
-      double x = (double)S::ld(w[i]);
-      acc += x * x;
-    }
-    w2[row - first_row] += acc;
+    w2[row - first_row] += sumsq<S>(w, e, seg_end);
     // ||u||^2 of the segment, in the stream's (global) element indices [ge, gend)
     double uacc = 0.0;
     const int64_t ge = r.noff + e, gend = r.noff + seg_end;

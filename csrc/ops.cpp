@@ -319,6 +319,38 @@ void perturb_op(at::TensorList params, at::TensorList scales, double coef, int64
   });
 }
 
+// perturb_, and w_sq = ||w||^2 of what it displaces (sources or params before the move), per item right
+// before the item's move (the move then reads the weights from cache), summed exactly as norms and
+// the update ops' next_w_sq sum them: equal weights give bitwise equal norms.
+void perturb_norms_op(at::TensorList params, at::TensorList w_sq, at::TensorList scales, double coef, int64_t seed,
+                      int64_t step, at::IntArrayRef tensor_ids, int64_t sample, std::string distribution, bool filter,
+                      c10::optional<at::TensorList> sources, at::OptionalIntArrayRef element_offsets) {
+  std::vector<Job> jobs =
+      make_jobs(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, element_offsets);
+  check_sources(sources, params);
+  TORCH_CHECK(w_sq.size() == params.size(), "ssgd_fused: w_sq has ", w_sq.size(), " entries for ", params.size(),
+              " params");
+  for (size_t j = 0; j < params.size(); ++j)
+    TORCH_CHECK(w_sq[j].scalar_type() == at::kDouble && w_sq[j].device().is_cpu() && w_sq[j].is_contiguous() &&
+                    w_sq[j].numel() == rows_of(params[j], filter),
+                "ssgd_fused: w_sq[", j, "] must be a contiguous float64 CPU tensor with ", rows_of(params[j], filter),
+                " entries (one per ", filter ? "slice along dim 0)" : "tensor)");
+  const std::vector<Item> items = make_items(jobs);
+  NormPartials parts(jobs, items);
+  const KernelTable* t = active();
+  run_items(jobs, items, [&](int32_t j, const Range& r, size_t k) {
+    const at::Tensor* src = source_of(sources, j);
+    const DT dt = dtype_of(params[j], "params", j);
+    Range weights_only = r;  // rademacher: ||u||^2 is the count, nothing is generated
+    weights_only.dist = Dist::Rademacher;
+    parts.add(t, dt, src ? src->data_ptr() : params[j].data_ptr(), weights_only, k);
+    t->perturb(dt, params[j].data_ptr(), src ? src->data_ptr() : nullptr, r);
+  });
+  std::vector<at::Tensor> u2;
+  for (size_t j = 0; j < jobs.size(); ++j) u2.push_back(at::empty({rows_of(params[j], filter)}, at::kDouble));
+  parts.finish_into(jobs, items, w_sq, u2);
+}
+
 void restore_op(at::TensorList params, at::TensorList grads, at::TensorList scales, double coef, double grad_scale,
                 int64_t seed, int64_t step, at::IntArrayRef tensor_ids, int64_t sample, std::string distribution,
                 bool filter, c10::optional<at::TensorList> sources, at::OptionalIntArrayRef element_offsets) {
@@ -471,6 +503,7 @@ void restore_update_adam_op(at::TensorList params, at::TensorList grads, at::Ten
 TORCH_LIBRARY_IMPL(ssgd_fused, CPU, m) {
   m.impl("norms", &norms_op);
   m.impl("perturb_", &perturb_op);
+  m.impl("perturb_norms_", &perturb_norms_op);
   m.impl("restore_", &restore_op);
   m.impl("restore_update_sgd_", &restore_update_sgd_op);
   m.impl("restore_update_adam_", &restore_update_adam_op);

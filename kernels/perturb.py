@@ -1,11 +1,14 @@
-"""ssgd_fused::perturb_ and ::restore_ on CUDA: w = (src or w) + coef * s * u, and g *= grad_scale."""
+"""ssgd_fused::perturb_, ::perturb_norms_ and ::restore_ on CUDA: w = (src or w) + coef * s * u, and g *=
+grad_scale; perturb_norms_ also returns ||w||^2 of what it displaces."""
 
+import torch
 import triton
 import triton.language as tl
 
 from . import _tables as T
 from ._device import chunk_of, displaced, ptr, scale_grad
 from ._noise import store_value
+from ._reduce import norm_pass
 from ._tables import W
 
 
@@ -39,6 +42,17 @@ def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution,
              element_offsets=None):
     _launch(params, None, scales, coef, 1.0, seed, step, tensor_ids, sample, distribution, filter, sources,
             element_offsets)
+
+
+def perturb_norms_(params, w_sq, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None,
+                   element_offsets=None):
+    # a weights-only norm pass (rademacher's ||u||^2 is the count: nothing generated), then the move
+    bases = list(sources) if sources is not None else list(params)
+    T.check(bases)
+    got, _ = norm_pass(bases, seed, step, tensor_ids, sample, "rademacher", filter,
+                       T.offsets(bases, element_offsets, "rademacher"))
+    torch._foreach_copy_(list(w_sq), got)
+    perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources, element_offsets)
 
 
 def restore_(params, grads, scales, coef, grad_scale, seed, step, tensor_ids, sample, distribution, filter,

@@ -14,8 +14,12 @@ rebuilds the tensor from a clean copy as src + b * s * u ("exact"). `ensure_clea
 weights back from wherever a cycle was left (exception, abandoned loop, state_dict in between).
 
 Norms: ||u||^2 is a pure function of the stream, so the update pass measures the next step's
-||u||^2 and the next step reuses it; ||w||^2 is measured afresh every step (one read of the weights)
-because weights edited through ``.data`` or by other code leave no trace in the version counters.
+||u||^2 and the next step reuses it. ||w||^2 must be measured afresh every step, because weights
+edited through ``.data`` or by other code leave no trace in the version counters. On CPU the first
+move measures it while it displaces (``perturb_norms_``, no separate read of the weights): the move
+uses the update pass's ||w||^2, and a tensor whose fresh norm differs (weights changed between
+steps) gets its scale recomputed and the difference added at once, before any forward pass. On CUDA
+that comparison would need a host read, so a weights-only norm pass runs before the move instead.
 
 Asynchronous exceptions: every move of the weights and the bookkeeping that records it run inside
 `critical()` (ssgd_fused.critical), so a Ctrl-C lands before or after a move, never between a move
@@ -55,6 +59,9 @@ class _Plan:
         self.exact = exact  # per parameter: rebuilt from a clean copy instead of by regeneration
         self.scales = []
         self.sources = None  # clean copies of the exact parameters, taken at the first displacement
+        # (||w||^2 per parameter, ||u||^2 per parameter, indices whose ||w||^2 is the previous update
+        # pass's and must be checked by the first move) or None
+        self.unchecked = None
         self.step = step
         self.sample = 0  # the antithetic pair whose noise is applied (the spec's `sample`)
         self.offset = 0.0  # current displacement in units of s*u: +1, -1 or 0 (clean)
@@ -91,7 +98,8 @@ class NoiseCycle:
         self.step = 0  # completed steps (noise cycles); the spec's `step` counter
         self.last_step_skipped = False
         self._plan: _Plan | None = None
-        self._noise_norms: dict = {}  # {"key": (seed, step, ...), "entries": {p: (tensor id, numel, u_sq)}}
+        # {"key": (seed, step, ...), "entries": {p: (tensor id, numel, u_sq, w_sq)}}
+        self._noise_norms: dict = {}
         self.pass_index: int | None = None  # the pass running now (None outside the passes)
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
         self._alpha_vector: tuple = (None, None)  # (alphas, counts, device), the alphas per norm on the device
@@ -155,8 +163,10 @@ class NoiseCycle:
                      self.step)
         plan.sample = self.passes_of(self.step)[0][0]
         if params:
-            w_sq, u_sq = self._measure(plan)
+            w_sq, u_sq, unchecked = self._measure(plan)
             plan.scales = self._scales(w_sq, u_sq, plan.alphas)
+            if unchecked:
+                plan.unchecked = (w_sq, u_sq, unchecked)
         return plan
 
     def _scales(self, w_sq, u_sq, alphas):
@@ -176,19 +186,32 @@ class NoiseCycle:
         s = torch.where(w2 > 0, a * torch.sqrt(w2 / u2), torch.zeros_like(w2))
         return list(s.split(counts))
 
+    def _check_in_move(self, params) -> bool:
+        """Whether the first move can check the cached ||w||^2 (CPU tensors, unsharded: the
+        comparison reads the norms on the host, and a shard's norm is a sum over ranks)."""
+        return all(p.device.type == "cpu" and not _distributed.is_dtensor(p) for p in params)
+
     def _measure(self, plan: _Plan):
-        """(||w||^2, ||u||^2) per perturbed tensor. ||w||^2 afresh; ||u||^2 from the previous
-        update pass where it measured this step's noise (same stream, tensor id and size), else
-        both from a norm pass."""
+        """(||w||^2, ||u||^2, unchecked) per perturbed tensor. ||u||^2 from the previous update
+        pass where it measured this step's noise (same stream, tensor id and size), else both from
+        a norm pass. ||w||^2 afresh, from a weights-only norm pass, or, where the first move can
+        check it (`_check_in_move`), the update pass's value, provisionally: `unchecked` lists
+        those tensors."""
         fresh = self._noise_norms.get("key") == self._norm_key(plan.step, plan.sample)
         cached = self._noise_norms.get("entries", {}) if fresh else {}
         self._noise_norms = {}
         hits = [cached.get(p) for p in plan.params]
-        u_sq = [h[2] if h is not None and h[:2] == (tid, p.numel()) else None
+        hits = [h if h is not None and h[:2] == (tid, p.numel()) else None
                 for h, p, tid in zip(hits, plan.params, plan.tids)]
-        miss = [i for i, u in enumerate(u_sq) if u is None]
-        hit = [i for i, u in enumerate(u_sq) if u is not None]
+        u_sq = [h[2] if h is not None else None for h in hits]
         w_sq = [None] * len(plan.params)
+        unchecked = []
+        if self._check_in_move(plan.params):
+            unchecked = [i for i, h in enumerate(hits) if h is not None and h[3] is not None]
+            for i in unchecked:
+                w_sq[i] = hits[i][3]
+        miss = [i for i, u in enumerate(u_sq) if u is None]
+        hit = [i for i, u in enumerate(u_sq) if u is not None and w_sq[i] is None]
         for idx, dist in ((miss, self.options.distribution), (hit, "rademacher")):
             if not idx:
                 continue
@@ -200,7 +223,7 @@ class NoiseCycle:
                 w_sq[i] = w[k]
                 if u_sq[i] is None:
                     u_sq[i] = u[k]
-        return self._over_shards(plan.params, w_sq), self._over_shards(plan.params, u_sq)
+        return self._over_shards(plan.params, w_sq), self._over_shards(plan.params, u_sq), unchecked
 
     def _over_shards(self, params, sq):
         """Tensor scope: a sharded tensor's norm is the sum of its shards' (whole rows per shard:
@@ -300,6 +323,9 @@ class NoiseCycle:
         if plan.params:
             if any(plan.exact) and plan.sources is None:  # first displacement: take the clean copies
                 plan.sources = [self._backup(p) if ex else None for p, ex in zip(plan.params, plan.exact)]
+            if plan.unchecked is not None and grads is None and plan.offset == 0 and target != 0:
+                self._checked_move(plan, target)
+                return
             has_grad = (lambda i: False) if grads is None else (lambda i: grads[i] is not None)
             for (exact, with_grad), idx in _split(range(len(plan.params)), lambda i: (plan.exact[i], has_grad(i))):
                 def pick(xs, idx=idx):
@@ -313,9 +339,39 @@ class NoiseCycle:
                     self.ops.perturb_(pick(plan.params), pick(plan.scales), coef, **stream)
         plan.offset = target
 
+    def _checked_move(self, plan: _Plan, target: float):
+        """The first move from the clean weights when some ||w||^2 are the previous update pass's:
+        it measures every tensor's ||w||^2 as it displaces (perturb_norms_); where one differs, the
+        scale is recomputed from it and the difference is added (regenerated tensors) or the tensor
+        rebuilt from its clean copy (exact ones), so the weights are where the fresh norms put them."""
+        w_sq, u_sq, unchecked = plan.unchecked
+        plan.unchecked = None
+        measured = [None] * len(plan.params)
+        for exact, idx in _split(range(len(plan.params)), lambda i: plan.exact[i]):
+            pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
+            stream = self._stream(plan, tensor_ids=pick(plan.tids), sources=pick(plan.sources) if exact else None)
+            w_out = [torch.empty_like(w_sq[i]) for i in idx]
+            self.ops.perturb_norms_(pick(plan.params), w_out, pick(plan.scales), target, **stream)
+            for i, w in zip(idx, w_out):
+                measured[i] = w
+        plan.offset = target
+        stale = [i for i in unchecked if not torch.equal(measured[i], w_sq[i])]
+        if not stale:
+            return
+        new = self._scales([measured[i] for i in stale], [u_sq[i] for i in stale], [plan.alphas[i] for i in stale])
+        for exact, ks in _split(range(len(stale)), lambda k: plan.exact[stale[k]]):
+            idx = [stale[k] for k in ks]
+            stream = self._stream(plan, tensor_ids=[plan.tids[i] for i in idx],
+                                  sources=[plan.sources[i] for i in idx] if exact else None)
+            # exact: rebuilt as src + target * s; regenerated: + target * (s_new - s_old)
+            delta = [new[k] if exact else new[k] - plan.scales[stale[k]] for k in ks]
+            self.ops.perturb_([plan.params[i] for i in idx], delta, target, **stream)
+            for k in ks:
+                plan.scales[stale[k]] = new[k]
+
     def _restore_update(self, plan: _Plan, grad_scale: float, fused_update):
         """Restore + base update in one pass per param group and kind, which also measures the
-        next step's ||u||^2 (pair 0's noise; its ||w||^2 too, unused: see `_measure`)."""
+        next step's ||u||^2 (pair 0's noise) and ||w||^2 (checked by the next first move: `_measure`)."""
         info = plan.info()
         tids = self.tensor_ids()
         empty = {}  # "no noise" scales, per device
@@ -339,7 +395,7 @@ class NoiseCycle:
                              [info[p][0] if p in info else empty.setdefault(p.device, torch.empty(
                                  0, dtype=torch.float64, device=p.device)) for p in ps], 0.0 if exact else -plan.offset,
                              grad_scale, **stream)
-                next_norms.update({p: (tids[p], p.numel(), u) for p, u, r in zip(ps, nu, rows) if r})
+                next_norms.update({p: (tids[p], p.numel(), u, w) for p, u, w, r in zip(ps, nu, nw, rows) if r})
         for p in plan.params:  # perturbed parameters that received no gradient: restore only
             if p.grad is None:
                 s, src = info[p]

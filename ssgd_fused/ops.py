@@ -25,6 +25,12 @@ SCHEMAS = {
     "perturb_": (
         f"(Tensor(a!)[] params, Tensor[] scales, float coef, {_NOISE_ARGS}, Tensor[]? sources, {_OFFSETS}) -> ()"
     ),
+    # perturb_ that also writes ||w||^2 of what it displaces (sources or params, before the move)
+    # into w_sq, per tensor or slice as norms gives it: the cycle checks its cached norms in the move
+    "perturb_norms_": (
+        f"(Tensor(a!)[] params, Tensor(b!)[] w_sq, Tensor[] scales, float coef, {_NOISE_ARGS}, Tensor[]? sources, "
+        f"{_OFFSETS}) -> ()"
+    ),
     "restore_": (
         "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] scales, float coef, float grad_scale, "
         f"{_NOISE_ARGS}, Tensor[]? sources, {_OFFSETS}) -> ()"
@@ -68,7 +74,7 @@ def _fake_noop(*args, **kwargs):
     return None
 
 
-for _name in ("perturb_", "restore_", "restore_update_sgd_", "restore_update_adam_"):
+for _name in ("perturb_", "perturb_norms_", "restore_", "restore_update_sgd_", "restore_update_adam_"):
     torch.library.register_fake(f"{LIB}::{_name}", _fake_noop)
 
 
@@ -116,8 +122,8 @@ def triton_available() -> bool:
 
 # ---- CUDA: the Triton kernels, imported on the first CUDA call ---------------------------------
 # Each launcher takes the op schema's arguments in the schema's order (tests/test_op_contract.py).
-KERNEL_MODULES = {"norms": "norms", "perturb_": "perturb", "restore_": "perturb", "restore_update_sgd_": "sgd",
-                  "restore_update_adam_": "adam"}
+KERNEL_MODULES = {"norms": "norms", "perturb_": "perturb", "perturb_norms_": "perturb", "restore_": "perturb",
+                  "restore_update_sgd_": "sgd", "restore_update_adam_": "adam"}
 
 
 def triton_launcher(name):
@@ -174,6 +180,13 @@ def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution,
              element_offsets=None):
     _op("perturb_")(params, scales, coef, seed_to_i64(seed), step, tensor_ids, sample, distribution, filter,
                     sources, _offs(element_offsets))
+    _bump(params)
+
+
+def perturb_norms_(params, w_sq, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None,
+                   element_offsets=None):
+    _op("perturb_norms_")(params, w_sq, scales, coef, seed_to_i64(seed), step, tensor_ids, sample, distribution,
+                          filter, sources, _offs(element_offsets))
     _bump(params)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "norms",
     "scales_from_norms",
     "perturb_",
+    "perturb_norms_",
     "restore_",
     "restore_update_sgd_",
     "restore_update_adam_",
@@ -106,6 +107,18 @@ def perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution,
     for i, (p, s, tid) in enumerate(zip(params, scales, tensor_ids)):
         src = sources[i] if sources is not None else None
         p.copy_(_displaced(p, s, src, coef, tid, seed, step, sample, distribution, filter, offs[i]))
+
+
+@torch.no_grad()
+def perturb_norms_(params, w_sq, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources=None,
+                   element_offsets=None):
+    """perturb_, and w_sq[i] = ||w||^2 (as norms gives it, one float64 per tensor or slice) of what it
+    displaces: sources[i] if given, else params[i] before the move."""
+    bases = [sources[i] if sources is not None else p for i, p in enumerate(params)]
+    got, _ = norms(bases, seed, step, tensor_ids, sample, "rademacher", filter, element_offsets)
+    for out, w in zip(w_sq, got):
+        out.copy_(w)
+    perturb_(params, scales, coef, seed, step, tensor_ids, sample, distribution, filter, sources, element_offsets)
 
 
 @torch.no_grad()

@@ -114,6 +114,39 @@ def test_perturb_in_place(isa, dtype, dist, filter, coef):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("sources", [False, True], ids=["in_place", "sources"])
+@pytest.mark.parametrize("filter", [False, True], ids=["tensor", "filter"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe)
+def test_perturb_norms_moves_as_perturb_and_measures_as_norms(isa, dtype, dist, filter, sources):
+    """perturb_norms_ returns ||w||^2 of what it displaces, bitwise as norms and the update ops'
+    next_w_sq sum it (the cycle compares them for equality), and moves the weights as perturb_."""
+    clean = make_params(SHAPES, dtype)
+    scales = scales_for(clean, dist, filter)
+    tids = list(range(len(clean)))
+    src = [p.clone() for p in clean] if sources else None
+    got = [torch.full_like(p, float("nan")) for p in clean] if sources else [p.clone() for p in clean]
+    moved = [p.clone() for p in clean]
+    w_sq = [torch.full((ref.num_slices(p, filter),), float("nan"), dtype=torch.float64) for p in clean]  # poisoned
+    ops.perturb_norms_(got, w_sq, scales, -1.0, SEED, 5, tids, 0, dist, filter, sources=src)
+    ops.perturb_(moved, scales, -1.0, SEED, 5, tids, 0, dist, filter)
+    for a, b in zip(got, moved):
+        assert torch.equal(a, b)
+    want, _ = ops.norms(clean, SEED, 5, tids, 0, dist, filter)
+    ref_w, _ = ref.norms(clean, SEED, 5, tids, 0, dist, filter)
+    # the update pass's ||w||^2 of the weights it writes: restore + SGD with lr 0 leaves them as they are
+    nw = [torch.empty(ref.num_slices(p, filter), dtype=torch.float64) for p in clean]
+    nu = [torch.empty(ref.num_slices(p, filter), dtype=torch.float64) for p in clean]
+    same = [p.clone() for p in clean]
+    no_noise = [torch.empty(0, dtype=torch.float64)] * len(clean)
+    ops.restore_update_sgd_(same, [torch.zeros_like(p) for p in clean], [], no_noise, 0.0, 1.0, SEED, 5, tids, 0,
+                            dist, filter, None, 0.0, 0.0, 0.0, 0.0, False, False, [], nw, nu, 6)
+    for a, b, c, r in zip(w_sq, want, nw, ref_w):
+        assert a.dtype == torch.float64 and a.shape == b.shape
+        assert torch.equal(a, b) and torch.equal(a, c)
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=describe)
 def test_perturb_from_sources_writes_every_element(isa, dtype, dist):
@@ -329,6 +362,7 @@ def _opcheck_samples():
     return {
         "norms": (clone(p), *na),
         "perturb_": (clone(p), s, 1.0, *na, None),
+        "perturb_norms_": (clone(p), [torch.empty(1, dtype=torch.float64) for _ in p], s, 1.0, *na, None),
         "restore_": (clone(p), clone(g), s, 1.0, 0.5, *na, clone(p)),
         "restore_update_sgd_": (clone(p), clone(g), clone(g), s, 1.0, 0.5, *na, None, 0.1, 0.9, 0.0, 1e-4, True,
                                 False, [True, False], [], [], 0),
@@ -337,7 +371,8 @@ def _opcheck_samples():
     }
 
 
-@pytest.mark.parametrize("name", ["norms", "perturb_", "restore_", "restore_update_sgd_", "restore_update_adam_"])
+@pytest.mark.parametrize("name", ["norms", "perturb_", "perturb_norms_", "restore_", "restore_update_sgd_",
+                                  "restore_update_adam_"])
 def test_opcheck(cpp, name):
     args = _opcheck_samples()[name]
     torch.library.opcheck(getattr(torch.ops.ssgd_fused, name), args)

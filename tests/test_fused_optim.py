@@ -119,9 +119,9 @@ def test_fused_step_allocates_no_parameter_sized_tensor(base):
 
 
 def test_noise_norms_are_reused_and_weight_norms_measured_every_step(monkeypatch):
-    """The fused update leaves the next step's ||u||^2; the next step reuses it and measures only
-    ||w||^2 (a weights-only norm pass: rademacher's ||u||^2 needs no generation), every step, so
-    weights changed in any way between steps get noise of the right size."""
+    """The fused update leaves the next step's ||u||^2 and ||w||^2; on CPU the next step's first
+    move measures ||w||^2 as it displaces (perturb_norms_, no norm pass) and checks the cached
+    value, every step, so weights changed in any way between steps get noise of the right size."""
     from ssgd_fused import ops
 
     torch.manual_seed(0)
@@ -129,27 +129,71 @@ def test_noise_norms_are_reused_and_weight_norms_measured_every_step(monkeypatch
     x, y = make_data()
     opt = SSGD(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, noise=0.5, backend="cpp")
     calls = []
-    real_norms = ops.norms
+    real = {name: getattr(ops, name) for name in ("norms", "perturb_norms_", "perturb_")}
 
-    def counting(params, **kw):
-        calls.append((len(params), kw["distribution"]))
-        return real_norms(params, **kw)
+    def counting(name):
+        def call(params, *args, **kw):
+            calls.append((name, len(params), kw["distribution"]))
+            return real[name](params, *args, **kw)
+        return call
 
-    monkeypatch.setattr(ops, "norms", counting)
+    for name in real:
+        monkeypatch.setattr(ops, name, counting(name))
     opt.step(closure_for(model, x, y))
-    assert calls == [(3, "gaussian")]  # first step: the three weight matrices and their noise
+    # first step: a norm pass (the three weight matrices and their noise), then +n and -n
+    assert calls == [("norms", 3, "gaussian"), ("perturb_", 3, "gaussian"), ("perturb_", 3, "gaussian")]
+    del calls[:]
     opt.step(closure_for(model, x, y))
-    assert calls[1:] == [(3, "rademacher")]  # then the weights only
+    assert calls == [("perturb_norms_", 3, "gaussian"), ("perturb_", 3, "gaussian")]  # no norm pass
+    del calls[:]
     with torch.no_grad():
         model.fc1.weight.mul_(3.0)  # the user changes a weight between steps
     seen = {}
 
     def closure():
-        seen["fc1"] = model.fc1.weight.detach().clone()
+        if "fc1" not in seen:
+            seen["fc1"] = model.fc1.weight.detach().clone()
         return closure_for(model, x, y)()
 
     clean = model.fc1.weight.detach().clone()
     opt.step(closure)
-    assert calls[2:] == [(3, "rademacher")]
+    # the checked move finds fc1's norm stale and adds the difference for that tensor alone
+    assert calls == [("perturb_norms_", 3, "gaussian"), ("perturb_", 1, "gaussian"), ("perturb_", 3, "gaussian")]
     n = (seen["fc1"] - clean).norm() / clean.norm()
     assert n.item() == pytest.approx(0.5, rel=1e-5)  # the noise follows the new weights
+
+
+@pytest.mark.parametrize("restore", ["regenerate", "exact"])
+def test_weight_norms_checked_in_the_move_match_a_norm_pass(monkeypatch, restore):
+    """The trajectory with ||w||^2 checked inside the first move equals the one with a separate
+    weights-only norm pass: bitwise while nothing edits the weights (the norms are summed
+    identically), and after a .data edit bitwise for exact restore (rebuilt from the clean copy),
+    within float32 rounding for regeneration (the difference is added to the displaced weights)."""
+    from ssgd_fused.cycle import NoiseCycle
+
+    def run(check):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        x, y = make_data()
+        opt = SSGD(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, noise=0.5, backend="cpp",
+                   restore=restore)
+        with monkeypatch.context() as m:
+            if not check:
+                m.setattr(NoiseCycle, "_check_in_move", lambda self, params: False)
+            for k in range(5):
+                if k == 3:
+                    with torch.no_grad():
+                        model.fc1.weight.data.mul_(0.5)  # through .data: no version bump
+                opt.step(closure_for(model, x, y))
+                if k == 2:
+                    before_edit = [p.detach().clone() for p in model.parameters()]
+        return before_edit, [p.detach().clone() for p in model.parameters()]
+
+    (a_mid, a_end), (b_mid, b_end) = run(True), run(False)
+    for a, b in zip(a_mid, b_mid):
+        assert torch.equal(a, b)
+    for a, b in zip(a_end, b_end):
+        if restore == "exact":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -104,6 +104,15 @@ def test_cuda_registration_perturb_and_restore(dtype, dist, offsets):
     _cuda_call("perturb_", got, scales, -2.0, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None, offsets)
     ref.perturb_(want, scales, -2.0, SEED, STEP, TIDS, 0, dist, False, None, offsets)
     _close(got, want, dtype, dist)
+    src = _clones(params)
+    nw = [torch.full((1,), float("nan"), dtype=torch.float64, device=p.device) for p in params]
+    rw = [torch.full((1,), float("nan"), dtype=torch.float64) for p in params]
+    _cuda_call("perturb_norms_", got, nw, scales, 1.0, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, src,
+               offsets)
+    ref.perturb_norms_(want, rw, scales, 1.0, SEED, STEP, TIDS, 0, dist, False, src, offsets)
+    _close(got, want, dtype, dist)
+    for a, b in zip(nw, rw):
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-6, atol=0)
     gg, gw = _clones(grads), _clones(grads)
     _cuda_call("restore_", got, gg, scales, 1.0, 0.5, ops.seed_to_i64(SEED), STEP, TIDS, 0, dist, False, None,
                offsets)
