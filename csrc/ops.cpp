@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -191,16 +193,27 @@ int64_t grain_for(const std::vector<Item>& items) {
   return total < SERIAL_BELOW ? (int64_t)items.size() + 1 : 1;  // grain > count: runs inline
 }
 
+// Items are handed out one at a time from a shared counter rather than split statically: on a
+// shared machine one thread can run slower than the other, and a static split makes the whole pass
+// wait for it. The results do not depend on which thread runs an item (partial sums are per item).
 template <class F>
 void run_items(const std::vector<Job>& jobs, const std::vector<Item>& items, F&& f) {
-  at::parallel_for(0, (int64_t)items.size(), grain_for(items), [&](int64_t a, int64_t b) {
-    for (int64_t k = a; k < b; ++k) {
-      const Item& it = items[k];
-      Range r = jobs[it.job].base;
-      r.e0 = it.e0;
-      r.n = it.n;
-      f(it.job, r, (size_t)k);
-    }
+  const int64_t n = (int64_t)items.size();
+  auto one = [&](int64_t k) {
+    const Item& it = items[k];
+    Range r = jobs[it.job].base;
+    r.e0 = it.e0;
+    r.n = it.n;
+    f(it.job, r, (size_t)k);
+  };
+  if (grain_for(items) > n) {  // small: inline
+    for (int64_t k = 0; k < n; ++k) one(k);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < n;) one(k);
   });
 }
 
