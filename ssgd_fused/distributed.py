@@ -94,12 +94,18 @@ def no_sync(model):
 
 
 # ---- FSDP2 / DTensor shards -----------------------------------------------------------------------
+_DTENSOR = None  # the DTensor class, or () where torch.distributed is not built; looked up once
+
+
 def is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch.distributed not built
-        return False
-    return isinstance(t, DTensor)
+    global _DTENSOR
+    if _DTENSOR is None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch.distributed not built
+            DTensor = ()
+        _DTENSOR = DTensor
+    return isinstance(t, _DTENSOR)
 
 
 def local(t):
