@@ -163,8 +163,9 @@ def test_noise_norms_are_reused_and_weight_norms_measured_every_step(monkeypatch
     assert n.item() == pytest.approx(0.5, rel=1e-5)  # the noise follows the new weights
 
 
+@pytest.mark.parametrize("scope", ["tensor", "filter"])
 @pytest.mark.parametrize("restore", ["regenerate", "exact"])
-def test_weight_norms_checked_in_the_move_match_a_norm_pass(monkeypatch, restore):
+def test_weight_norms_checked_in_the_move_match_a_norm_pass(monkeypatch, restore, scope):
     """The trajectory with ||w||^2 checked inside the first move equals the one with a separate
     weights-only norm pass: bitwise while nothing edits the weights (the norms are summed
     identically), and after a .data edit bitwise for exact restore (rebuilt from the clean copy),
@@ -176,7 +177,7 @@ def test_weight_norms_checked_in_the_move_match_a_norm_pass(monkeypatch, restore
         model = SmallCNN()
         x, y = make_data()
         opt = SSGD(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, noise=0.5, backend="cpp",
-                   restore=restore)
+                   restore=restore, scope=scope)
         with monkeypatch.context() as m:
             if not check:
                 m.setattr(NoiseCycle, "_check_in_move", lambda self, params: False)
