@@ -234,11 +234,13 @@ static void fill(Dist d, const Stream& st, int64_t e0, int64_t n, float* out) {
 // ---- storage types: float math, 16-bit values rounded to nearest even once per write --------
 struct F32 {
   using T = float;
+  static constexpr bool kBF16 = false;
   SSGD_INLINE float ld(T x) { return x; }
   SSGD_INLINE T st(float x) { return x; }
 };
 struct BF16 {
   using T = uint16_t;
+  static constexpr bool kBF16 = true;
   SSGD_INLINE float ld(T x) { return u2f((uint32_t)x << 16); }
   SSGD_INLINE T st(float x) {
     uint32_t u = f2u(x);
@@ -252,6 +254,7 @@ struct BF16 {
 // conversions would stay scalar library calls); round to nearest even, NaN stays NaN.
 struct F16 {
   using T = uint16_t;
+  static constexpr bool kBF16 = false;
   SSGD_INLINE float ld(T x) {
     const uint32_t h = x, em = h & 0x7FFFu;
     const uint32_t sign = (h & 0x8000u) << 16;
@@ -374,6 +377,14 @@ static void perturb_t(void* wv, const void* srcv, const Range& r) {
   for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
     const T* __restrict base = src ? src : w;
     if (u) {
+#ifdef SSGD_BF16_AVX512
+      if constexpr (S::kBF16) {
+        if (b512::has_bf16()) {
+          b512::perturb_seg((uint16_t*)w, (const uint16_t*)base, u, i0, i1, cs);
+          return;
+        }
+      }
+#endif
 #pragma omp simd
       for (int64_t i = i0; i < i1; ++i) w[i] = S::st(S::ld(base[i]) + cs * u[i - i0]);
     } else if (src) {
@@ -430,6 +441,16 @@ static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, cons
     // the per-segment conditions are hoisted out of the loop, so that its body has no masked loads
     auto loop = [&](auto noisy, auto first) {
       constexpr bool NOISY = decltype(noisy)::value, FIRST = decltype(first)::value;
+#ifdef SSGD_BF16_AVX512
+      if constexpr (S::kBF16) {
+        if (b512::has_bf16()) {
+          const b512::SgdSeg seg{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, (uint16_t*)buf, cs, gs, sgn,
+                                 wd, m, omd, lr};
+          b512::sgd_seg<MOM, NEST, WD, NOISY, FIRST>(seg, i0, i1);
+          return;
+        }
+      }
+#endif
 #pragma omp simd
       for (int64_t i = i0; i < i1; ++i) {
         float wi, d;

@@ -92,6 +92,55 @@ def test_norms(isa, dtype, dist, filter):
         torch.testing.assert_close(c, d, rtol=1e-6 if dist == "gaussian" else 1e-12, atol=0)
 
 
+# ---- bfloat16 rounding on every path ------------------------------------------------------------
+def _special_bf16(n, seed):
+    """bfloat16 values that stress the rounding: subnormals, zeros of both signs, infinities, NaN,
+    the largest finite values, values halfway between two bfloat16 and ordinary ones."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-140, 120, (n,), generator=g).float())
+    x[::7] = torch.randn(x[::7].shape, generator=g) * 2.0**-130  # float32 subnormals
+    x[1::11] = float("nan")
+    x[2::13] = float("inf")
+    x[3::17] = -0.0
+    x[4::19] = 3.3e38
+    return x
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_bf16_paths_agree_bitwise_on_special_values(cpp, nesterov):
+    """The AVX-512 BF16 loops (vcvtneps2bf16, used where the CPU has AVX512_BF16) round exactly as
+    the auto-vectorised loops (the other ISAs) and the reference: subnormals, NaN, infinities,
+    overflow, ties. (NaN payloads may differ from torch's, which propagates them differently.)"""
+    isas = ops._C.supported_isas()
+    n = 4097
+    # float32 values whose sums and products land on subnormals, ties and overflow once rounded
+    w32, g32, b32 = _special_bf16(n, 1), _special_bf16(n, 2), _special_bf16(n, 3)
+    s = [torch.full((1,), 2.0**-130, dtype=torch.float64)]
+    outs = {}
+    for name in isas + ["reference"]:
+        mod = ref if name == "reference" else ops
+        if name != "reference":
+            ops._C.set_isa(name)
+        try:
+            w, g, b = (t.to(torch.bfloat16) for t in (w32, g32, b32))
+            mod.perturb_([w], s, 1.0, SEED, 5, [0], 0, "rademacher", False)
+            p = w.clone()
+            mod.restore_update_sgd_([w], [g], [b], s, -1.0, 0.5, SEED, 5, [0], 0, "rademacher", False, None,
+                                    lr=2.0**-3, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=nesterov,
+                                    maximize=False, init_momentum=[False])
+            outs[name] = [p, w, g, b]
+        finally:
+            ops._C.set_isa(isas[0])
+    bits = lambda t: t.view(torch.int16)  # noqa: E731
+    for name in isas:  # the ISAs' loops: bitwise, NaN payloads included
+        for a, b in zip(outs[name], outs[isas[-1]]):
+            assert torch.equal(bits(a), bits(b)), name
+    for a, b in zip(outs[isas[0]], outs["reference"]):  # torch's ops: the same bits, NaN where it has NaN
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(bits(a)[~a.isnan()], bits(b)[~b.isnan()])
+        assert a.isnan().any() and (a.float().abs() < 2.0**-126).logical_and(a != 0).any()  # the cases occur
+
+
 # ---- perturb_ ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("filter", [False, True], ids=["tensor", "filter"])
 @pytest.mark.parametrize("dist", DISTS)
