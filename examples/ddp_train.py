@@ -102,6 +102,9 @@ def main():
         for r, c in enumerate(everyone):
             print(f"rank {r}: parameter checksum {c:.17g}", flush=True)
         print(f"replicas identical: {len(set(everyone)) == 1}", flush=True)
+    # every rank reaches the teardown together: gloo can abort a process whose peer closes the
+    # connection while it is still tearing down ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -119,6 +119,7 @@ def main():
         for r, (local, checksum, same) in enumerate(everyone):
             print(f"rank {r}: {local} of {total} parameters in its shards, parameter checksum {checksum:.17g}, "
                   f"resumed run matches the uninterrupted one: {same}", flush=True)
+    dist.barrier()  # every rank reaches the teardown together (see examples/ddp_train.py)
     dist.destroy_process_group()
 
 
