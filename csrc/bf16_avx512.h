@@ -93,6 +93,51 @@ static __attribute__((noinline)) B512_TARGET void sgd_seg(const SgdSeg& a, int64
   }
 }
 
+struct AdamSeg {
+  uint16_t* w;
+  const uint16_t* base;
+  const float* uu;  // noise of element i at uu[i] (NOISY)
+  uint16_t* g;
+  uint16_t* m1;
+  uint16_t* m2;
+  uint16_t* mx;
+  float cs, gs, sgn, wd, decay, lerp_w, neg_step, bc2, eps, omb2, b2;
+  bool small_w;  // ATen lerp's branch: fma(w, end - start, start) or fma(w - 1, end - start, end)
+};
+
+// adam_t's loop for [i0, i1), the same operations in the same order
+template <bool AMS, bool NOISY, bool COUPLED, bool DECOUPLED>
+static __attribute__((noinline)) B512_TARGET void adam_seg(const AdamSeg& a, int64_t i0, int64_t i1) {
+  const __m512 cs = _mm512_set1_ps(a.cs), gs = _mm512_set1_ps(a.gs), sgn = _mm512_set1_ps(a.sgn);
+  const __m512 wd = _mm512_set1_ps(a.wd), decay = _mm512_set1_ps(a.decay), lw = _mm512_set1_ps(a.lerp_w);
+  const __m512 neg_step = _mm512_set1_ps(a.neg_step), bc2 = _mm512_set1_ps(a.bc2), eps = _mm512_set1_ps(a.eps);
+  const __m512 omb2 = _mm512_set1_ps(a.omb2), b2 = _mm512_set1_ps(a.b2);
+  for (int64_t i = i0; i < i1; i += 16) {
+    const __mmask16 k = tail(i1 - i);
+    __m512 wi = ld(a.base + i, k);
+    if (NOISY) wi = _mm512_add_ps(wi, _mm512_mul_ps(cs, _mm512_maskz_loadu_ps(k, a.uu + i)));
+    const __m256i gt = round(_mm512_mul_ps(ld(a.g + i, k), gs));
+    st(a.g + i, k, gt);
+    __m512 d = _mm512_mul_ps(sgn, val(gt));
+    if (DECOUPLED) wi = _mm512_mul_ps(wi, decay);
+    if (COUPLED) d = _mm512_fmadd_ps(wi, wd, d);
+    const __m512 mo = ld(a.m1 + i, k);
+    const __m512 diff = _mm512_sub_ps(d, mo);
+    const __m256i mt = round(_mm512_fmadd_ps(lw, diff, a.small_w ? mo : d));
+    st(a.m1 + i, k, mt);
+    const __m256i vt = round(_mm512_fmadd_ps(_mm512_mul_ps(omb2, d), d, _mm512_mul_ps(ld(a.m2 + i, k), b2)));
+    st(a.m2 + i, k, vt);
+    __m512 vf = val(vt);
+    if (AMS) {
+      const __m512 xn = _mm512_max_ps(ld(a.mx + i, k), vf);  // xo > vf ? xo : vf, NaN included
+      st(a.mx + i, k, round(xn));
+      vf = xn;
+    }
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vf), bc2), eps);
+    st(a.w + i, k, round(_mm512_add_ps(wi, _mm512_div_ps(_mm512_mul_ps(neg_step, val(mt)), denom))));
+  }
+}
+
 #undef B512_INLINE
 #undef B512_TARGET
 }  // namespace b512

@@ -505,6 +505,19 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
     const float* __restrict uu = u ? u - i0 : nullptr;
     auto loop = [&](auto noisy) {
       constexpr bool NOISY = decltype(noisy)::value;
+#ifdef SSGD_BF16_AVX512
+      if constexpr (S::kBF16) {
+        if (b512::has_bf16()) {
+          const b512::AdamSeg seg{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, (uint16_t*)m1, (uint16_t*)m2,
+                                  (uint16_t*)mx, cs, gs, sgn, wd, decay, small_w ? w1 : w1 - 1.0f, neg_step, bc2,
+                                  eps, omb2, b2, small_w};
+          if (coupled_wd) b512::adam_seg<AMS, NOISY, true, false>(seg, i0, i1);
+          else if (decoupled_wd) b512::adam_seg<AMS, NOISY, false, true>(seg, i0, i1);
+          else b512::adam_seg<AMS, NOISY, false, false>(seg, i0, i1);
+          return;
+        }
+      }
+#endif
 #pragma omp simd
       for (int64_t i = i0; i < i1; ++i) {
         float wi, d;

@@ -106,6 +106,42 @@ def _special_bf16(n, seed):
     return x
 
 
+def _adam_step(mod, w, g, m, v, x, s, amsgrad, wd, decoupled):
+    mod.restore_update_adam_([w], [g], [m], [v], [x] if amsgrad else [], s, -1.0, 0.5, SEED, 5, [0], 0, "rademacher",
+                             False, None, steps=[3.0], lr=2.0**-5, beta1=0.9, beta2=0.999, eps=1e-8,
+                             weight_decay=wd, decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=False)
+
+
+@pytest.mark.parametrize("amsgrad, wd, decoupled", [(False, 0.0, False), (True, 1e-2, False), (False, 1e-2, True)],
+                         ids=["adam", "adam_wd_ams", "adamw"])
+def test_bf16_adam_paths_agree_bitwise_on_special_values(cpp, amsgrad, wd, decoupled):
+    """As below, for the Adam / AdamW update loop."""
+    isas = ops._C.supported_isas()
+    n = 4097
+    src = [_special_bf16(n, k) for k in (1, 2, 3, 4, 5)]
+    src[3] = src[3].abs()  # exp_avg_sq and max_exp_avg_sq: non-negative, as Adam keeps them
+    src[4] = src[4].abs()
+    s = [torch.full((1,), 2.0**-130, dtype=torch.float64)]
+    outs = {}
+    for name in isas + ["reference"]:
+        mod = ref if name == "reference" else ops
+        if name != "reference":
+            ops._C.set_isa(name)
+        try:
+            w, g, m, v, x = (t.to(torch.bfloat16) for t in src)
+            _adam_step(mod, w, g, m, v, x, s, amsgrad, wd, decoupled)
+            outs[name] = [w, g, m, v, x]
+        finally:
+            ops._C.set_isa(isas[0])
+    bits = lambda t: t.view(torch.int16)  # noqa: E731
+    for name in isas:
+        for a, b in zip(outs[name], outs[isas[-1]]):
+            assert torch.equal(bits(a), bits(b)), name
+    for a, b in zip(outs[isas[0]], outs["reference"]):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(bits(a)[~a.isnan()], bits(b)[~b.isnan()])
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_bf16_paths_agree_bitwise_on_special_values(cpp, nesterov):
     """The AVX-512 BF16 loops (vcvtneps2bf16, used where the CPU has AVX512_BF16) round exactly as
