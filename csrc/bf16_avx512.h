@@ -59,28 +59,43 @@ static __attribute__((noinline)) B512_TARGET void perturb_seg(uint16_t* w, const
   }
 }
 
-struct SgdSeg {
+// The start of an update element, as restore_elem: the restored weight (base + cs * u) and the
+// descent direction sgn * g', where g' = bf16(g * gs) is written back first.
+template <bool NOISY>
+B512_INLINE void restore_elem(const uint16_t* base, const float* uu, uint16_t* g, int64_t i, __mmask16 k, __m512 cs,
+                              __m512 gs, __m512 sgn, __m512& wi, __m512& d) {
+  wi = ld(base + i, k);
+  if (NOISY) wi = _mm512_add_ps(wi, _mm512_mul_ps(cs, _mm512_maskz_loadu_ps(k, uu + i)));
+  const __m256i gt = round(_mm512_mul_ps(ld(g + i, k), gs));
+  st(g + i, k, gt);
+  d = _mm512_mul_ps(sgn, val(gt));
+}
+
+// What every update loop reads and writes besides its optimizer state.
+struct Operands {
   uint16_t* w;
   const uint16_t* base;
   const float* uu;  // noise of element i at uu[i] (NOISY)
   uint16_t* g;
+  float cs, gs, sgn;
+};
+
+struct SgdSeg {
+  Operands o;
   uint16_t* buf;
-  float cs, gs, sgn, wd, m, omd, lr;  // lr is -a.lr
+  float wd, m, omd, lr;  // lr is -a.lr
 };
 
 // sgd_t's loop for [i0, i1), the same operations in the same order
 template <bool MOM, bool NEST, bool WD, bool NOISY, bool FIRST>
 static __attribute__((noinline)) B512_TARGET void sgd_seg(const SgdSeg& a, int64_t i0, int64_t i1) {
-  const __m512 cs = _mm512_set1_ps(a.cs), gs = _mm512_set1_ps(a.gs), sgn = _mm512_set1_ps(a.sgn);
+  const __m512 cs = _mm512_set1_ps(a.o.cs), gs = _mm512_set1_ps(a.o.gs), sgn = _mm512_set1_ps(a.o.sgn);
   const __m512 wd = _mm512_set1_ps(a.wd), m = _mm512_set1_ps(a.m), omd = _mm512_set1_ps(a.omd);
   const __m512 lr = _mm512_set1_ps(a.lr);
   for (int64_t i = i0; i < i1; i += 16) {
     const __mmask16 k = tail(i1 - i);
-    __m512 wi = ld(a.base + i, k);
-    if (NOISY) wi = _mm512_add_ps(wi, _mm512_mul_ps(cs, _mm512_maskz_loadu_ps(k, a.uu + i)));
-    const __m256i gt = round(_mm512_mul_ps(ld(a.g + i, k), gs));
-    st(a.g + i, k, gt);
-    __m512 d = _mm512_mul_ps(sgn, val(gt));
+    __m512 wi, d;
+    restore_elem<NOISY>(a.o.base, a.o.uu, a.o.g, i, k, cs, gs, sgn, wi, d);
     if (WD) d = _mm512_fmadd_ps(wi, wd, d);
     if (MOM) {
       const __m512 b = FIRST ? d : _mm512_fmadd_ps(d, omd, _mm512_mul_ps(ld(a.buf + i, k), m));
@@ -89,36 +104,30 @@ static __attribute__((noinline)) B512_TARGET void sgd_seg(const SgdSeg& a, int64
       const __m512 bv = val(bt);
       d = NEST ? _mm512_fmadd_ps(bv, m, d) : bv;
     }
-    st(a.w + i, k, round(_mm512_fmadd_ps(d, lr, wi)));
+    st(a.o.w + i, k, round(_mm512_fmadd_ps(d, lr, wi)));
   }
 }
 
 struct AdamSeg {
-  uint16_t* w;
-  const uint16_t* base;
-  const float* uu;  // noise of element i at uu[i] (NOISY)
-  uint16_t* g;
+  Operands o;
   uint16_t* m1;
   uint16_t* m2;
   uint16_t* mx;
-  float cs, gs, sgn, wd, decay, lerp_w, neg_step, bc2, eps, omb2, b2;
+  float wd, decay, lerp_w, neg_step, bc2, eps, omb2, b2;
   bool small_w;  // ATen lerp's branch: fma(w, end - start, start) or fma(w - 1, end - start, end)
 };
 
 // adam_t's loop for [i0, i1), the same operations in the same order
 template <bool AMS, bool NOISY, bool COUPLED, bool DECOUPLED>
 static __attribute__((noinline)) B512_TARGET void adam_seg(const AdamSeg& a, int64_t i0, int64_t i1) {
-  const __m512 cs = _mm512_set1_ps(a.cs), gs = _mm512_set1_ps(a.gs), sgn = _mm512_set1_ps(a.sgn);
+  const __m512 cs = _mm512_set1_ps(a.o.cs), gs = _mm512_set1_ps(a.o.gs), sgn = _mm512_set1_ps(a.o.sgn);
   const __m512 wd = _mm512_set1_ps(a.wd), decay = _mm512_set1_ps(a.decay), lw = _mm512_set1_ps(a.lerp_w);
   const __m512 neg_step = _mm512_set1_ps(a.neg_step), bc2 = _mm512_set1_ps(a.bc2), eps = _mm512_set1_ps(a.eps);
   const __m512 omb2 = _mm512_set1_ps(a.omb2), b2 = _mm512_set1_ps(a.b2);
   for (int64_t i = i0; i < i1; i += 16) {
     const __mmask16 k = tail(i1 - i);
-    __m512 wi = ld(a.base + i, k);
-    if (NOISY) wi = _mm512_add_ps(wi, _mm512_mul_ps(cs, _mm512_maskz_loadu_ps(k, a.uu + i)));
-    const __m256i gt = round(_mm512_mul_ps(ld(a.g + i, k), gs));
-    st(a.g + i, k, gt);
-    __m512 d = _mm512_mul_ps(sgn, val(gt));
+    __m512 wi, d;
+    restore_elem<NOISY>(a.o.base, a.o.uu, a.o.g, i, k, cs, gs, sgn, wi, d);
     if (DECOUPLED) wi = _mm512_mul_ps(wi, decay);
     if (COUPLED) d = _mm512_fmadd_ps(wi, wd, d);
     const __m512 mo = ld(a.m1 + i, k);
@@ -134,7 +143,7 @@ static __attribute__((noinline)) B512_TARGET void adam_seg(const AdamSeg& a, int
       vf = xn;
     }
     const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vf), bc2), eps);
-    st(a.w + i, k, round(_mm512_add_ps(wi, _mm512_div_ps(_mm512_mul_ps(neg_step, val(mt)), denom))));
+    st(a.o.w + i, k, round(_mm512_add_ps(wi, _mm512_div_ps(_mm512_mul_ps(neg_step, val(mt)), denom))));
   }
 }
 

@@ -444,7 +444,7 @@ static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, cons
 #ifdef SSGD_BF16_AVX512
       if constexpr (S::kBF16) {
         if (b512::has_bf16()) {
-          const b512::SgdSeg seg{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, (uint16_t*)buf, cs, gs, sgn,
+          const b512::SgdSeg seg{{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, cs, gs, sgn}, (uint16_t*)buf,
                                  wd, m, omd, lr};
           b512::sgd_seg<MOM, NEST, WD, NOISY, FIRST>(seg, i0, i1);
           return;
@@ -508,8 +508,8 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
 #ifdef SSGD_BF16_AVX512
       if constexpr (S::kBF16) {
         if (b512::has_bf16()) {
-          const b512::AdamSeg seg{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, (uint16_t*)m1, (uint16_t*)m2,
-                                  (uint16_t*)mx, cs, gs, sgn, wd, decay, small_w ? w1 : w1 - 1.0f, neg_step, bc2,
+          const b512::AdamSeg seg{{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, cs, gs, sgn}, (uint16_t*)m1,
+                                  (uint16_t*)m2, (uint16_t*)mx, wd, decay, small_w ? w1 : w1 - 1.0f, neg_step, bc2,
                                   eps, omb2, b2, small_w};
           if (coupled_wd) b512::adam_seg<AMS, NOISY, true, false>(seg, i0, i1);
           else if (decoupled_wd) b512::adam_seg<AMS, NOISY, false, true>(seg, i0, i1);

@@ -106,6 +106,28 @@ def _special_bf16(n, seed):
     return x
 
 
+def _on_every_path(run):
+    """run(ops module) -> list of bfloat16 tensors, on every ISA and the reference; the ISAs' results
+    bitwise equal (NaN payloads included), the reference's the same bits wherever it is not NaN."""
+    isas = ops._C.supported_isas()
+    outs = {}
+    for name in isas + ["reference"]:
+        if name != "reference":
+            ops._C.set_isa(name)
+        try:
+            outs[name] = run(ref if name == "reference" else ops)
+        finally:
+            ops._C.set_isa(isas[0])
+    bits = lambda t: t.view(torch.int16)  # noqa: E731
+    for name in isas:
+        for a, b in zip(outs[name], outs[isas[-1]]):
+            assert torch.equal(bits(a), bits(b)), name
+    for a, b in zip(outs[isas[0]], outs["reference"]):  # torch propagates NaN payloads its own way
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(bits(a)[~a.isnan()], bits(b)[~b.isnan()])
+    return outs[isas[0]]
+
+
 def _adam_step(mod, w, g, m, v, x, s, amsgrad, wd, decoupled):
     mod.restore_update_adam_([w], [g], [m], [v], [x] if amsgrad else [], s, -1.0, 0.5, SEED, 5, [0], 0, "rademacher",
                              False, None, steps=[3.0], lr=2.0**-5, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -116,30 +138,17 @@ def _adam_step(mod, w, g, m, v, x, s, amsgrad, wd, decoupled):
                          ids=["adam", "adam_wd_ams", "adamw"])
 def test_bf16_adam_paths_agree_bitwise_on_special_values(cpp, amsgrad, wd, decoupled):
     """As below, for the Adam / AdamW update loop."""
-    isas = ops._C.supported_isas()
-    n = 4097
-    src = [_special_bf16(n, k) for k in (1, 2, 3, 4, 5)]
+    src = [_special_bf16(4097, k) for k in (1, 2, 3, 4, 5)]
     src[3] = src[3].abs()  # exp_avg_sq and max_exp_avg_sq: non-negative, as Adam keeps them
     src[4] = src[4].abs()
     s = [torch.full((1,), 2.0**-130, dtype=torch.float64)]
-    outs = {}
-    for name in isas + ["reference"]:
-        mod = ref if name == "reference" else ops
-        if name != "reference":
-            ops._C.set_isa(name)
-        try:
-            w, g, m, v, x = (t.to(torch.bfloat16) for t in src)
-            _adam_step(mod, w, g, m, v, x, s, amsgrad, wd, decoupled)
-            outs[name] = [w, g, m, v, x]
-        finally:
-            ops._C.set_isa(isas[0])
-    bits = lambda t: t.view(torch.int16)  # noqa: E731
-    for name in isas:
-        for a, b in zip(outs[name], outs[isas[-1]]):
-            assert torch.equal(bits(a), bits(b)), name
-    for a, b in zip(outs[isas[0]], outs["reference"]):
-        assert torch.equal(a.isnan(), b.isnan())
-        assert torch.equal(bits(a)[~a.isnan()], bits(b)[~b.isnan()])
+
+    def run(mod):
+        w, g, m, v, x = (t.to(torch.bfloat16) for t in src)
+        _adam_step(mod, w, g, m, v, x, s, amsgrad, wd, decoupled)
+        return [w, g, m, v, x]
+
+    _on_every_path(run)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -147,34 +156,21 @@ def test_bf16_paths_agree_bitwise_on_special_values(cpp, nesterov):
     """The AVX-512 BF16 loops (vcvtneps2bf16, used where the CPU has AVX512_BF16) round exactly as
     the auto-vectorised loops (the other ISAs) and the reference: subnormals, NaN, infinities,
     overflow, ties. (NaN payloads may differ from torch's, which propagates them differently.)"""
-    isas = ops._C.supported_isas()
-    n = 4097
     # float32 values whose sums and products land on subnormals, ties and overflow once rounded
-    w32, g32, b32 = _special_bf16(n, 1), _special_bf16(n, 2), _special_bf16(n, 3)
+    w32, g32, b32 = _special_bf16(4097, 1), _special_bf16(4097, 2), _special_bf16(4097, 3)
     s = [torch.full((1,), 2.0**-130, dtype=torch.float64)]
-    outs = {}
-    for name in isas + ["reference"]:
-        mod = ref if name == "reference" else ops
-        if name != "reference":
-            ops._C.set_isa(name)
-        try:
-            w, g, b = (t.to(torch.bfloat16) for t in (w32, g32, b32))
-            mod.perturb_([w], s, 1.0, SEED, 5, [0], 0, "rademacher", False)
-            p = w.clone()
-            mod.restore_update_sgd_([w], [g], [b], s, -1.0, 0.5, SEED, 5, [0], 0, "rademacher", False, None,
-                                    lr=2.0**-3, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=nesterov,
-                                    maximize=False, init_momentum=[False])
-            outs[name] = [p, w, g, b]
-        finally:
-            ops._C.set_isa(isas[0])
-    bits = lambda t: t.view(torch.int16)  # noqa: E731
-    for name in isas:  # the ISAs' loops: bitwise, NaN payloads included
-        for a, b in zip(outs[name], outs[isas[-1]]):
-            assert torch.equal(bits(a), bits(b)), name
-    for a, b in zip(outs[isas[0]], outs["reference"]):  # torch's ops: the same bits, NaN where it has NaN
-        assert torch.equal(a.isnan(), b.isnan())
-        assert torch.equal(bits(a)[~a.isnan()], bits(b)[~b.isnan()])
-        assert a.isnan().any() and (a.float().abs() < 2.0**-126).logical_and(a != 0).any()  # the cases occur
+
+    def run(mod):
+        w, g, b = (t.to(torch.bfloat16) for t in (w32, g32, b32))
+        mod.perturb_([w], s, 1.0, SEED, 5, [0], 0, "rademacher", False)
+        p = w.clone()
+        mod.restore_update_sgd_([w], [g], [b], s, -1.0, 0.5, SEED, 5, [0], 0, "rademacher", False, None,
+                                lr=2.0**-3, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=nesterov,
+                                maximize=False, init_momentum=[False])
+        return [p, w, g, b]
+
+    p = _on_every_path(run)[0]
+    assert p.isnan().any() and (p.float().abs() < 2.0**-126).logical_and(p != 0).any()  # the cases occur
 
 
 # ---- perturb_ ------------------------------------------------------------------------------------
