@@ -158,6 +158,8 @@ static void rademacher_blocks(const Stream& st, uint64_t b0, int64_t nb, float* 
 // noise. Generation is compute-bound and touches no memory, so without it the memory system idles
 // while the noise is made and the cores idle while the operands stream in; issuing the sub-block's
 // cache lines (into L2) while its noise is generated overlaps the two.
+constexpr int64_t PIECE = 192;  // gaussian elements generated between prefetch steps (48 blocks)
+
 struct Prefetch {
   static constexpr int MAXA = 6;
   const char* cur[MAXA];  // next line to prefetch, per array
@@ -179,10 +181,10 @@ struct Prefetch {
       end[a] = base[a] + e1 * esz[a];
     }
   }
-  // issues the lines of the next m elements of each array
-  SSGD_MEMBER void step(int64_t m) {
+  // issues the lines of the next PIECE elements of each array
+  SSGD_MEMBER void step() {
     for (int a = 0; a < n; ++a) {
-      const char* stop = cur[a] + m * esz[a];
+      const char* stop = cur[a] + PIECE * esz[a];
       if (stop > end[a]) stop = end[a];
       for (; cur[a] < stop; cur[a] += 64) __builtin_prefetch(cur[a], 1, 2);
     }
@@ -195,8 +197,6 @@ struct Prefetch {
       for (; cur[a] < end[a]; cur[a] += 64) __builtin_prefetch(cur[a], 1, 2);
   }
 };
-
-constexpr int64_t PIECE = 192;  // gaussian elements generated between prefetch steps (48 blocks)
 
 // noise for elements [e0, e0 + n) into buf (capacity n + 256); returns the pointer to element e0.
 // pf (optional) is stepped through its range while the noise is generated.
@@ -215,7 +215,7 @@ static const float* gen_range(Dist d, const Stream& st, int64_t e0, int64_t n, f
       const int64_t nb = min64(PIECE / 4, b1 - b);
       if (d == Dist::Gauss) gauss_blocks(st, (uint64_t)b, nb, buf + 4 * (b - b0));
       else uniform_blocks(st, (uint64_t)b, nb, buf + 4 * (b - b0));
-      pf->step(PIECE);
+      pf->step();
     }
     pf->finish();
   }

@@ -277,21 +277,23 @@ struct NormPartials {
   }
 
   // writes the per-row totals into w2[j], u2[j] (float64, one entry per row) for tensors with numel > 0
+  // (an empty u2 list: only the ||w||^2)
   void finish_into(const std::vector<Job>& jobs, const std::vector<Item>& items, at::TensorList w2,
                    at::TensorList u2) const {
+    const bool with_u = !u2.empty();
     for (size_t j = 0; j < jobs.size(); ++j) {
       w2[j].zero_();
-      u2[j].zero_();
+      if (with_u) u2[j].zero_();
     }
     for (size_t k = 0; k < items.size(); ++k) {  // fixed order: independent of the thread count
       const Item& it = items[k];
       if (w2[it.job].numel() == 0) continue;
       const int64_t L = jobs[it.job].base.row_len, r0 = it.e0 / L;
       double* w = w2[it.job].data_ptr<double>();
-      double* u = u2[it.job].data_ptr<double>();
+      double* u = with_u ? u2[it.job].data_ptr<double>() : nullptr;
       for (int64_t q = 0; q < off[k + 1] - off[k]; ++q) {
         w[r0 + q] += pw[off[k] + q];
-        u[r0 + q] += pu[off[k] + q];
+        if (with_u) u[r0 + q] += pu[off[k] + q];
       }
     }
   }
@@ -359,9 +361,7 @@ void perturb_norms_op(at::TensorList params, at::TensorList w_sq, at::TensorList
     parts.add(t, dt, src ? src->data_ptr() : params[j].data_ptr(), weights_only, k);
     t->perturb(dt, params[j].data_ptr(), src ? src->data_ptr() : nullptr, r);
   });
-  std::vector<at::Tensor> u2;
-  for (size_t j = 0; j < jobs.size(); ++j) u2.push_back(at::empty({rows_of(params[j], filter)}, at::kDouble));
-  parts.finish_into(jobs, items, w_sq, u2);
+  parts.finish_into(jobs, items, w_sq, {});
 }
 
 void restore_op(at::TensorList params, at::TensorList grads, at::TensorList scales, double coef, double grad_scale,

@@ -319,13 +319,14 @@ class NoiseCycle:
     @torch.no_grad()
     def _move(self, plan: _Plan, target: float, grads=None, grad_scale: float = 1.0):
         """Moves the perturbed weights from plan.offset to `target` (in units of s*u); with grads,
-        also scales them (restore_). Exact tensors are rebuilt from their clean copy."""
+        also scales them (restore_). Exact tensors are rebuilt from their clean copy. The first move
+        of a plan with provisional ||w||^2 measures them as it displaces (perturb_norms_) and then
+        corrects the tensors whose norms were stale (`_correct_stale`)."""
+        check = plan.unchecked if grads is None and plan.offset == 0 and target != 0 else None
+        measured = {}
         if plan.params:
             if any(plan.exact) and plan.sources is None:  # first displacement: take the clean copies
                 plan.sources = [self._backup(p) if ex else None for p, ex in zip(plan.params, plan.exact)]
-            if plan.unchecked is not None and grads is None and plan.offset == 0 and target != 0:
-                self._checked_move(plan, target)
-                return
             has_grad = (lambda i: False) if grads is None else (lambda i: grads[i] is not None)
             for (exact, with_grad), idx in _split(range(len(plan.params)), lambda i: (plan.exact[i], has_grad(i))):
                 def pick(xs, idx=idx):
@@ -335,26 +336,22 @@ class NoiseCycle:
                 stream = self._stream(plan, tensor_ids=pick(plan.tids), sources=pick(plan.sources) if exact else None)
                 if with_grad:
                     self.ops.restore_(pick(plan.params), pick(grads), pick(plan.scales), coef, grad_scale, **stream)
+                elif check is not None:
+                    w_out = [torch.empty_like(check[0][i]) for i in idx]
+                    self.ops.perturb_norms_(pick(plan.params), w_out, pick(plan.scales), coef, **stream)
+                    measured.update(zip(idx, w_out))
                 else:
                     self.ops.perturb_(pick(plan.params), pick(plan.scales), coef, **stream)
         plan.offset = target
+        if check is not None:
+            plan.unchecked = None
+            self._correct_stale(plan, target, measured, *check)
 
-    def _checked_move(self, plan: _Plan, target: float):
-        """The first move from the clean weights when some ||w||^2 are the previous update pass's:
-        it measures every tensor's ||w||^2 as it displaces (perturb_norms_); where one differs, the
-        scale is recomputed from it and the difference is added (regenerated tensors) or the tensor
-        rebuilt from its clean copy (exact ones), so the weights are where the fresh norms put them."""
-        w_sq, u_sq, unchecked = plan.unchecked
-        plan.unchecked = None
-        measured = [None] * len(plan.params)
-        for exact, idx in _split(range(len(plan.params)), lambda i: plan.exact[i]):
-            pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
-            stream = self._stream(plan, tensor_ids=pick(plan.tids), sources=pick(plan.sources) if exact else None)
-            w_out = [torch.empty_like(w_sq[i]) for i in idx]
-            self.ops.perturb_norms_(pick(plan.params), w_out, pick(plan.scales), target, **stream)
-            for i, w in zip(idx, w_out):
-                measured[i] = w
-        plan.offset = target
+    def _correct_stale(self, plan: _Plan, target: float, measured, w_sq, u_sq, unchecked):
+        """After the first move: where a measured ||w||^2 differs from the provisional one (weights
+        changed between steps), the scale is recomputed from it and the difference is added
+        (regenerated tensors) or the tensor rebuilt from its clean copy (exact ones), so the weights
+        are where the fresh norms put them."""
         stale = [i for i in unchecked if not torch.equal(measured[i], w_sq[i])]
         if not stale:
             return
