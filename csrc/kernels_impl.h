@@ -488,11 +488,14 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
   T* __restrict m2 = (T*)vv;
   T* __restrict mx = (T*)xv;
   const float sgn = a.maximize ? -1.0f : 1.0f;
-  const float wd = a.weight_decay, decay = a.decay_factor;
+  const float wd = a.weight_decay;
   const bool coupled_wd = wd != 0.0f && !a.decoupled, decoupled_wd = wd != 0.0f && a.decoupled;
   const float w1 = a.one_minus_beta1, b2 = a.beta2, omb2 = a.one_minus_beta2;
   const float neg_step = -a.step_size, bc2 = a.bc2_sqrt, eps = a.eps;
   const bool small_w = w1 < 0.5f;  // ATen lerp: fma(w, end - start, start) or fma(w - 1, end - start, end)
+  const float lerp_w = small_w ? w1 : w1 - 1.0f;
+  const uint32_t lerp_mask = small_w ? 0xFFFFFFFFu : 0u;  // start: m (small weight) or d
+  const float decay = decoupled_wd ? a.decay_factor : 1.0f;
   Prefetch pf;
   pf.add(w, sizeof(T));
   pf.add(src, sizeof(T));
@@ -509,7 +512,7 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
       if constexpr (S::kBF16) {
         if (b512::has_bf16()) {
           const b512::AdamSeg seg{{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, cs, gs, sgn}, (uint16_t*)m1,
-                                  (uint16_t*)m2, (uint16_t*)mx, wd, decay, small_w ? w1 : w1 - 1.0f, neg_step, bc2,
+                                  (uint16_t*)m2, (uint16_t*)mx, wd, decay, lerp_w, neg_step, bc2,
                                   eps, omb2, b2, small_w};
           if (coupled_wd) b512::adam_seg<AMS, NOISY, true, false>(seg, i0, i1);
           else if (decoupled_wd) b512::adam_seg<AMS, NOISY, false, true>(seg, i0, i1);
@@ -518,30 +521,39 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
         }
       }
 #endif
+      // GCC vectorises this loop only with few run-time selects in it: the weight-decay form is
+      // a template flag, the lerp's start a bitwise select on a loop-invariant mask, and the
+      // decoupled decay a multiply by exactly 1 when there is none (bitwise the same, NaN kept).
+      auto body = [&](auto coupled) {
+        constexpr bool COUPLED = decltype(coupled)::value;
 #pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) {
-        float wi, d;
-        restore_elem<S, NOISY>(base, uu, g, i, cs, gs, sgn, wi, d);
-        if (decoupled_wd) wi = wi * decay;
-        if (coupled_wd) d = __builtin_fmaf(wi, wd, d);
-        float mo = S::ld(m1[i]);
-        float diff = d - mo;
-        float mn = __builtin_fmaf(small_w ? w1 : w1 - 1.0f, diff, small_w ? mo : d);  // ATen lerp
-        T mt = S::st(mn);
-        m1[i] = mt;
-        float vn = __builtin_fmaf(omb2 * d, d, S::ld(m2[i]) * b2);  // mul_ then ATen addcmul
-        T vt = S::st(vn);
-        m2[i] = vt;
-        float vf = S::ld(vt);
-        if (AMS) {
-          float xo = S::ld(mx[i]);
-          float xn = xo > vf ? xo : vf;
-          mx[i] = S::st(xn);
-          vf = xn;
+        for (int64_t i = i0; i < i1; ++i) {
+          float wi, d;
+          restore_elem<S, NOISY>(base, uu, g, i, cs, gs, sgn, wi, d);
+          wi = wi * decay;
+          if (COUPLED) d = __builtin_fmaf(wi, wd, d);
+          float mo = S::ld(m1[i]);
+          float diff = d - mo;
+          float start = u2f((f2u(mo) & lerp_mask) | (f2u(d) & ~lerp_mask));
+          float mn = __builtin_fmaf(lerp_w, diff, start);  // ATen lerp
+          T mt = S::st(mn);
+          m1[i] = mt;
+          float vn = __builtin_fmaf(omb2 * d, d, S::ld(m2[i]) * b2);  // mul_ then ATen addcmul
+          T vt = S::st(vn);
+          m2[i] = vt;
+          float vf = S::ld(vt);
+          if (AMS) {
+            float xo = S::ld(mx[i]);
+            float xn = xo > vf ? xo : vf;
+            mx[i] = S::st(xn);
+            vf = xn;
+          }
+          float denom = __builtin_sqrtf(vf) / bc2 + eps;
+          w[i] = S::st(wi + neg_step * S::ld(mt) / denom);
         }
-        float denom = __builtin_sqrtf(vf) / bc2 + eps;
-        w[i] = S::st(wi + neg_step * S::ld(mt) / denom);
-      }
+      };
+      if (coupled_wd) body(Flag<true>{});
+      else body(Flag<false>{});
     };
     if (uu) loop(Flag<true>{});
     else loop(Flag<false>{});
