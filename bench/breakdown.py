@@ -15,9 +15,14 @@ Rows (medians over the rounds; the machine is shared, so read them as ratios wit
 - norms, weights + gaussian ||u||^2: the norm pass of a first step
 - generation, cache-resident: `perturb` of one 2^20-element tensor that stays in cache, repeated
   to make as much noise as the set needs (the cost of making the noise, with little memory traffic)
+- update AdamW, no next norms: restore + AdamW update (the AdamW optimizer's pass, without norms)
+- torch SGD step, torch AdamW step: `torch.optim.SGD` (momentum, foreach) and `torch.optim.AdamW`
+  (foreach) on the same set: what the fused passes are compared with
 
 If generation and the memory stream overlapped perfectly, a whole pass would take the larger of
-its parts; if not at all, their sum. The last lines print both for the update and perturb passes.
+its parts; if not at all, their sum. The last lines print both for the update and perturb passes,
+and the compute floor of a cycle: three passes of generation (+n, flip, restore) and the next
+step's ||u||^2, with every byte of memory traffic hidden, as a multiple of the SGD step.
 """
 
 from __future__ import annotations
@@ -54,8 +59,20 @@ def _update(params, bufs, scales, args, noisy=True, next_norms=True):
                             init_momentum=[False] * n, next_w_sq=nw, next_u_sq=nu, next_step=1, **args)
 
 
+def _update_adamw(params, state, scales, args):
+    n = len(params)
+    ops.restore_update_adam_(params, [p.grad for p in params], state[0], state[1], [], scales, 1.0, 1.0,
+                             sources=None, steps=[3.0] * n, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8,
+                             weight_decay=1e-2, decoupled_weight_decay=True, amsgrad=False, maximize=False, **args)
+
+
 def run(set_name="gpt25m", dtype=torch.float32, dist="gaussian", rounds=15):
     params, bufs, scales, args = _setup(set_name, dtype, dist)
+    adam_state = ([torch.zeros_like(p) for p in params], [torch.rand_like(p) for p in params])
+    # torch's optimizers on their own copy of the set (their updates must not move the kernels' inputs)
+    t_params = shapes.make(set_name, dtype=dtype)
+    t_sgd = torch.optim.SGD(t_params, lr=LR, momentum=MOMENTUM, foreach=True)
+    t_adamw = torch.optim.AdamW(t_params, lr=LR, weight_decay=1e-2, foreach=True)
     total = sum(p.numel() for p in params)
     rad = dict(args, distribution="rademacher")
     # cache-resident: one tensor of 2^20 elements (4 MiB of float32: half per thread in L2 + L3),
@@ -78,6 +95,9 @@ def run(set_name="gpt25m", dtype=torch.float32, dist="gaussian", rounds=15):
         "norms, weights only": lambda: ops.norms(params, **rad),
         f"norms, weights + {dist} ||u||^2": lambda: ops.norms(params, **args),
         "generation, cache-resident": gen_resident,
+        "update AdamW, no next norms": lambda: _update_adamw(params, adam_state, scales, args),
+        "torch SGD step": t_sgd.step,
+        "torch AdamW step": t_adamw.step,
     }
     for f in fns.values():
         timing.warm_up(f)
@@ -106,6 +126,14 @@ def markdown(med, total, title):
               f"none {sum(parts_u):.2f}",
               f"perturb: whole {med['perturb, whole']:.2f} ms; parts (generation {parts_p[0]:.2f} + memory "
               f"{parts_p[1]:.2f}): perfect overlap {max(parts_p):.2f}, none {sum(parts_p):.2f}"]
+    sgd = med["torch SGD step"]
+    floor = 3 * gen + u_norm
+    passes = 2 * med["perturb, whole"] + med["update, whole"]
+    lines += [f"cycle: perturb + flip + update {passes:.2f} ms = {passes / sgd:.2f}x the torch SGD step "
+              f"({sgd:.2f} ms); compute floor (3 x generation + next ||u||^2) {floor:.2f} ms = "
+              f"{floor / sgd:.2f}x",
+              f"AdamW: restore + update {med['update AdamW, no next norms']:.2f} ms, torch AdamW step "
+              f"{med['torch AdamW step']:.2f} ms"]
     return "\n".join(lines)
 
 

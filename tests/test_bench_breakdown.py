@@ -17,7 +17,8 @@ def test_breakdown_times_every_part_and_prints_the_overlap_bounds():
     assert total == shapes.numel("resnet20")
     assert set(med) == {"update, whole", "update, no next norms", "update, memory only", "perturb, whole",
                         "perturb, rademacher", "norms, weights only", "norms, weights + gaussian ||u||^2",
-                        "generation, cache-resident"}
+                        "generation, cache-resident", "update AdamW, no next norms", "torch SGD step",
+                        "torch AdamW step"}
     assert all(v > 0 for v in med.values())
     text = breakdown.markdown(med, total, "title")
-    assert "perfect overlap" in text and text.count("|") > 8 * 4
+    assert "perfect overlap" in text and "compute floor" in text and text.count("|") > 11 * 4
