@@ -10,8 +10,8 @@
 #define SSGD_ISA_NAME "avx512"
 #define SSGD_TABLE_FN table_avx512
 #include "gauss_avx512.h"
-#include "bf16_avx512.h"  // its functions carry their own target (avx512bf16), used where the CPU has it
-#define SSGD_BF16_AVX512 1
+#include "lp16_avx512.h"  // 16-bit loops; the bfloat16 ones carry avx512bf16, used where the CPU has it
+#define SSGD_LP16_AVX512 1
 #define SSGD_GAUSS512 1  // the hand-written generator replaces the auto-vectorised one
 #include "kernels_impl.h"
 #pragma GCC pop_options

@@ -234,13 +234,13 @@ static void fill(Dist d, const Stream& st, int64_t e0, int64_t n, float* out) {
 // ---- storage types: float math, 16-bit values rounded to nearest even once per write --------
 struct F32 {
   using T = float;
-  static constexpr bool kBF16 = false;
+  static constexpr bool kBF16 = false, kF16 = false;
   SSGD_INLINE float ld(T x) { return x; }
   SSGD_INLINE T st(float x) { return x; }
 };
 struct BF16 {
   using T = uint16_t;
-  static constexpr bool kBF16 = true;
+  static constexpr bool kBF16 = true, kF16 = false;
   SSGD_INLINE float ld(T x) { return u2f((uint32_t)x << 16); }
   SSGD_INLINE T st(float x) {
     uint32_t u = f2u(x);
@@ -251,10 +251,11 @@ struct BF16 {
   }
 };
 // IEEE half by bit manipulation (GCC has no vector type for _Float16 without AVX512-FP16, so the
-// conversions would stay scalar library calls); round to nearest even, NaN stays NaN.
+// conversions would stay scalar library calls); round to nearest even, NaN -> the canonical quiet
+// NaN. The AVX-512 build's perturb and update loops use vcvtps2ph instead (lp16_avx512.h).
 struct F16 {
   using T = uint16_t;
-  static constexpr bool kBF16 = false;
+  static constexpr bool kBF16 = false, kF16 = true;
   SSGD_INLINE float ld(T x) {
     const uint32_t h = x, em = h & 0x7FFFu;
     const uint32_t sign = (h & 0x8000u) << 16;
@@ -279,6 +280,25 @@ struct F16 {
     return (T)(r | (sign >> 16));
   }
 };
+
+// Runs f(L) with the hand-written 16-bit loops L of lp16_avx512.h (lp16::BF16Loops where the CPU
+// has AVX512_BF16, lp16::F16Loops) and returns true, or returns false: use the generic loop.
+template <class S, class F>
+SSGD_INLINE bool lp16_loops(F&& f) {
+#ifdef SSGD_LP16_AVX512
+  if constexpr (S::kBF16) {
+    if (lp16::has_bf16()) {
+      f(lp16::BF16Loops{});
+      return true;
+    }
+  } else if constexpr (S::kF16) {
+    f(lp16::F16Loops{});
+    return true;
+  }
+#endif
+  (void)f;
+  return false;
+}
 
 // Calls f(i0, i1, u, cs, row) for each row segment of r, u pointing at element i0's noise (nullptr
 // where the tensor carries no noise or coef == 0) and cs = coef * s_row. Element e's noise is the
@@ -377,14 +397,8 @@ static void perturb_t(void* wv, const void* srcv, const Range& r) {
   for_segments(r, pf, [&](int64_t i0, int64_t i1, const float* __restrict u, float cs, int64_t) {
     const T* __restrict base = src ? src : w;
     if (u) {
-#ifdef SSGD_BF16_AVX512
-      if constexpr (S::kBF16) {
-        if (b512::has_bf16()) {
-          b512::perturb_seg((uint16_t*)w, (const uint16_t*)base, u, i0, i1, cs);
-          return;
-        }
-      }
-#endif
+      if (lp16_loops<S>([&](auto L) { L.perturb_seg((uint16_t*)w, (const uint16_t*)base, u, i0, i1, cs); }))
+        return;
 #pragma omp simd
       for (int64_t i = i0; i < i1; ++i) w[i] = S::st(S::ld(base[i]) + cs * u[i - i0]);
     } else if (src) {
@@ -441,16 +455,13 @@ static void sgd_t(void* wv, const void* srcv, void* gv, void* bv, float gs, cons
     // the per-segment conditions are hoisted out of the loop, so that its body has no masked loads
     auto loop = [&](auto noisy, auto first) {
       constexpr bool NOISY = decltype(noisy)::value, FIRST = decltype(first)::value;
-#ifdef SSGD_BF16_AVX512
-      if constexpr (S::kBF16) {
-        if (b512::has_bf16()) {
-          const b512::SgdSeg seg{{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, cs, gs, sgn}, (uint16_t*)buf,
-                                 wd, m, omd, lr};
-          b512::sgd_seg<MOM, NEST, WD, NOISY, FIRST>(seg, i0, i1);
-          return;
-        }
-      }
-#endif
+      if (lp16_loops<S>([&](auto L) {
+            using Seg = typename decltype(L)::SgdSeg;
+            const Seg seg{{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, cs, gs, sgn}, (uint16_t*)buf, wd, m,
+                          omd, lr};
+            L.template sgd_seg<MOM, NEST, WD, NOISY, FIRST>(seg, i0, i1);
+          }))
+        return;
 #pragma omp simd
       for (int64_t i = i0; i < i1; ++i) {
         float wi, d;
@@ -508,19 +519,15 @@ static void adam_t(void* wv, const void* srcv, void* gv, void* mv, void* vv, voi
     const float* __restrict uu = u ? u - i0 : nullptr;
     auto loop = [&](auto noisy) {
       constexpr bool NOISY = decltype(noisy)::value;
-#ifdef SSGD_BF16_AVX512
-      if constexpr (S::kBF16) {
-        if (b512::has_bf16()) {
-          const b512::AdamSeg seg{{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, cs, gs, sgn}, (uint16_t*)m1,
-                                  (uint16_t*)m2, (uint16_t*)mx, wd, decay, lerp_w, neg_step, bc2,
-                                  eps, omb2, b2, small_w};
-          if (coupled_wd) b512::adam_seg<AMS, NOISY, true, false>(seg, i0, i1);
-          else if (decoupled_wd) b512::adam_seg<AMS, NOISY, false, true>(seg, i0, i1);
-          else b512::adam_seg<AMS, NOISY, false, false>(seg, i0, i1);
-          return;
-        }
-      }
-#endif
+      if (lp16_loops<S>([&](auto L) {
+            using Seg = typename decltype(L)::AdamSeg;
+            const Seg seg{{(uint16_t*)w, (const uint16_t*)base, uu, (uint16_t*)g, cs, gs, sgn}, (uint16_t*)m1,
+                          (uint16_t*)m2, (uint16_t*)mx, wd, decay, lerp_w, neg_step, bc2, eps, omb2, b2, small_w};
+            if (coupled_wd) L.template adam_seg<AMS, NOISY, true, false>(seg, i0, i1);
+            else if (decoupled_wd) L.template adam_seg<AMS, NOISY, false, true>(seg, i0, i1);
+            else L.template adam_seg<AMS, NOISY, false, false>(seg, i0, i1);
+          }))
+        return;
       // GCC vectorises this loop only with few run-time selects in it: the weight-decay form is
       // a template flag, the lerp's start a bitwise select on a loop-invariant mask, and the
       // decoupled decay a multiply by exactly 1 when there is none (bitwise the same, NaN kept).

@@ -92,22 +92,37 @@ def test_norms(isa, dtype, dist, filter):
         torch.testing.assert_close(c, d, rtol=1e-6 if dist == "gaussian" else 1e-12, atol=0)
 
 
-# ---- bfloat16 rounding on every path ------------------------------------------------------------
-def _special_bf16(n, seed):
-    """bfloat16 values that stress the rounding: subnormals, zeros of both signs, infinities, NaN,
-    the largest finite values, values halfway between two bfloat16 and ordinary ones."""
+# ---- 16-bit rounding on every path ----------------------------------------------------------------
+# Per format: the exponent range of ordinary values, the scale that lands float32 sums on the
+# format's subnormals (float32 subnormals for bfloat16, whose range is float32's), a value near the
+# largest finite one, and the smallest normal.
+SPECIAL = {
+    torch.bfloat16: dict(exps=(-140, 120), tiny=2.0**-130, big=3.3e38, min_normal=2.0**-126),
+    torch.float16: dict(exps=(-28, 17), tiny=2.0**-20, big=65000.0, min_normal=2.0**-14),
+}
+
+
+def _special(n, seed, dtype):
+    """Values of a 16-bit dtype that stress the rounding: subnormals, zeros of both signs,
+    infinities, NaN (also with payloads, which the hardware conversions keep and the generic loops
+    do not), the largest finite values, values halfway between two neighbours, ordinary ones."""
+    c = SPECIAL[dtype]
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-140, 120, (n,), generator=g).float())
-    x[::7] = torch.randn(x[::7].shape, generator=g) * 2.0**-130  # float32 subnormals
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(*c["exps"], (n,), generator=g).float())
+    x[::7] = torch.randn(x[::7].shape, generator=g) * c["tiny"]
     x[1::11] = float("nan")
     x[2::13] = float("inf")
     x[3::17] = -0.0
-    x[4::19] = 3.3e38
+    x[4::19] = c["big"]
+    x = x.to(dtype)
+    payload = torch.randint(1, 0x1FF if dtype == torch.float16 else 0x3F, x[5::23].shape, generator=g)
+    top = 0x7C00 if dtype == torch.float16 else 0x7F80  # exponent all ones, then a non-zero payload
+    x.view(torch.int16)[5::23] = (top | payload | torch.where(payload % 2 == 0, -0x8000, 0)).to(torch.int16)
     return x
 
 
 def _on_every_path(run):
-    """run(ops module) -> list of bfloat16 tensors, on every ISA and the reference; the ISAs' results
+    """run(ops module) -> list of 16-bit tensors, on every ISA and the reference; the ISAs' results
     bitwise equal (NaN payloads included), the reference's the same bits wherever it is not NaN."""
     isas = ops._C.supported_isas()
     outs = {}
@@ -134,34 +149,40 @@ def _adam_step(mod, w, g, m, v, x, s, amsgrad, wd, decoupled):
                              weight_decay=wd, decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=False)
 
 
+LP16 = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", LP16, ids=describe)
 @pytest.mark.parametrize("amsgrad, wd, decoupled", [(False, 0.0, False), (True, 1e-2, False), (False, 1e-2, True)],
                          ids=["adam", "adam_wd_ams", "adamw"])
-def test_bf16_adam_paths_agree_bitwise_on_special_values(cpp, amsgrad, wd, decoupled):
+def test_16bit_adam_paths_agree_bitwise_on_special_values(cpp, dtype, amsgrad, wd, decoupled):
     """As below, for the Adam / AdamW update loop."""
-    src = [_special_bf16(4097, k) for k in (1, 2, 3, 4, 5)]
+    src = [_special(4097, k, dtype) for k in (1, 2, 3, 4, 5)]
     src[3] = src[3].abs()  # exp_avg_sq and max_exp_avg_sq: non-negative, as Adam keeps them
     src[4] = src[4].abs()
-    s = [torch.full((1,), 2.0**-130, dtype=torch.float64)]
+    s = [torch.full((1,), SPECIAL[dtype]["tiny"], dtype=torch.float64)]
 
     def run(mod):
-        w, g, m, v, x = (t.to(torch.bfloat16) for t in src)
+        w, g, m, v, x = (t.clone() for t in src)
         _adam_step(mod, w, g, m, v, x, s, amsgrad, wd, decoupled)
         return [w, g, m, v, x]
 
     _on_every_path(run)
 
 
+@pytest.mark.parametrize("dtype", LP16, ids=describe)
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_bf16_paths_agree_bitwise_on_special_values(cpp, nesterov):
-    """The AVX-512 BF16 loops (vcvtneps2bf16, used where the CPU has AVX512_BF16) round exactly as
-    the auto-vectorised loops (the other ISAs) and the reference: subnormals, NaN, infinities,
-    overflow, ties. (NaN payloads may differ from torch's, which propagates them differently.)"""
-    # float32 values whose sums and products land on subnormals, ties and overflow once rounded
-    w32, g32, b32 = _special_bf16(4097, 1), _special_bf16(4097, 2), _special_bf16(4097, 3)
-    s = [torch.full((1,), 2.0**-130, dtype=torch.float64)]
+def test_16bit_paths_agree_bitwise_on_special_values(cpp, dtype, nesterov):
+    """The AVX-512 16-bit loops (vcvtneps2bf16 where the CPU has AVX512_BF16, vcvtps2ph) round
+    exactly as the auto-vectorised loops (the other ISAs) and the reference: subnormals, NaN,
+    infinities, overflow, ties. (NaN payloads may differ from torch's, which propagates them
+    differently.)"""
+    # values whose sums and products land on subnormals, ties and overflow once rounded
+    w0, g0, b0 = _special(4097, 1, dtype), _special(4097, 2, dtype), _special(4097, 3, dtype)
+    s = [torch.full((1,), SPECIAL[dtype]["tiny"], dtype=torch.float64)]
 
     def run(mod):
-        w, g, b = (t.to(torch.bfloat16) for t in (w32, g32, b32))
+        w, g, b = w0.clone(), g0.clone(), b0.clone()
         mod.perturb_([w], s, 1.0, SEED, 5, [0], 0, "rademacher", False)
         p = w.clone()
         mod.restore_update_sgd_([w], [g], [b], s, -1.0, 0.5, SEED, 5, [0], 0, "rademacher", False, None,
@@ -170,7 +191,8 @@ def test_bf16_paths_agree_bitwise_on_special_values(cpp, nesterov):
         return [p, w, g, b]
 
     p = _on_every_path(run)[0]
-    assert p.isnan().any() and (p.float().abs() < 2.0**-126).logical_and(p != 0).any()  # the cases occur
+    tiny = (p.float().abs() < SPECIAL[dtype]["min_normal"]).logical_and(p != 0)
+    assert p.isnan().any() and tiny.any() and p.isinf().any()  # the cases occur
 
 
 # ---- perturb_ ------------------------------------------------------------------------------------
