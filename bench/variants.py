@@ -11,6 +11,12 @@ backward passes a real step runs between them are left out: they are the same fo
 - naive:     clone + randn_like every step, per-tensor ops
 - compiled:  torch.compile of the eager cycle
 - sgd:       plain torch.optim.SGD(momentum, foreach=True).step(): one update pass, no noise
+- fused_adamw: `fused` on torch.optim.AdamW (restore + AdamW update in one pass), the optimizer's cycle
+- adamw:     plain torch.optim.AdamW(foreach=True).step()
+
+Each variant names its `base`, the plain optimizer step its cycle is counted in ("x base" in the
+tables: the sgd step, or the adamw step for the AdamW variants), and holds that optimizer's state
+as after a first step (`state`: per parameter, the buffers the base optimizer keeps).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ssgd_fused import reference as ref
 ALPHA = 0.5
 LR = 1e-3
 MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-2  # AdamW's
 
 # The byte model of the memory floor. Bytes each variant must move between memory and the cores per
 # parameter element per cycle, for a 4-byte dtype, if each pass streams its operands once: reads
@@ -45,21 +52,36 @@ BYTES_PER_ELEM = {
     "naive": 20 + 20 + 12 + 48,
     "compiled": 20 + 20 + 12 + 48,
     "sgd": 32,  # foreach SGD: buf *= m (8), buf += g (12), w -= lr buf (12)
+    # P, F as fused | U: read w g m v, write w g m v (the next step's norms taken there)
+    "fused_adamw": 8 + 8 + 32,
+    # foreach AdamW: w *= decay 8, lerp m 12, v *= b2 8, addcmul v 12, sqrt v -> t 8, t /= bc 8,
+    # t += eps 8, addcdiv w 16
+    "adamw": 80,
 }
 
 
 class Variant:
     name = "?"
+    base = "sgd"
 
-    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
+    def __init__(self, params, distribution="gaussian", state=None):
         self.params = params
         self.distribution = distribution
         # the base optimizer's state as after a first step (the memory bench hands in its own)
-        self.momentum_buffers = momentum_buffers or [torch.zeros_like(p) for p in params]
+        self.state = state or self.make_state(params)
+        self.momentum_buffers = [s["momentum_buffer"] for s in self.state] if self.base == "sgd" else None
+
+    @classmethod
+    def make_state(cls, params):
+        """Per parameter, the base optimizer's state after one step (allocated and touched)."""
+        if cls.base == "sgd":
+            return [{"momentum_buffer": torch.zeros_like(p)} for p in params]
+        return [{"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                for p in params]
 
     def _give_state(self, opt):
-        for p, b in zip(self.params, self.momentum_buffers):
-            opt.state[p]["momentum_buffer"] = b
+        for p, s in zip(self.params, self.state):
+            opt.state[p].update(s)
 
     def passes(self) -> dict:
         """name -> callable; calling them in order is one cycle."""
@@ -76,8 +98,8 @@ class Fused(Variant):
     name = "fused"
     restore = "regenerate"
 
-    def __init__(self, params, distribution="gaussian", momentum_buffers=None, backend="cpp"):
-        super().__init__(params, distribution, momentum_buffers)
+    def __init__(self, params, distribution="gaussian", state=None, backend="cpp"):
+        super().__init__(params, distribution, state)
         # every tensor perturbed (a group alpha), as the eager variants do
         self.opt = ssgd_fused.SSGD([{"params": params, "noise": ALPHA}], torch.optim.SGD, lr=LR,
                                    momentum=MOMENTUM, distribution=distribution, seed=1, backend=backend,
@@ -134,15 +156,15 @@ class Reference(Fused):
     name = "reference"
     restore = "exact"
 
-    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
-        super().__init__(params, distribution, momentum_buffers, backend="reference")
+    def __init__(self, params, distribution="gaussian", state=None):
+        super().__init__(params, distribution, state, backend="reference")
 
 
 class Eager(Variant):
     name = "eager"
 
-    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
-        super().__init__(params, distribution, momentum_buffers)
+    def __init__(self, params, distribution="gaussian", state=None):
+        super().__init__(params, distribution, state)
         self.grads = [p.grad for p in params]
         self.backup = [torch.empty_like(p) for p in params]
         self.noise = [torch.empty_like(p) for p in params]
@@ -185,8 +207,8 @@ class Eager(Variant):
 class Naive(Variant):
     name = "naive"
 
-    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
-        super().__init__(params, distribution, momentum_buffers)
+    def __init__(self, params, distribution="gaussian", state=None):
+        super().__init__(params, distribution, state)
         self.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
         self._give_state(self.opt)
 
@@ -210,8 +232,8 @@ class Naive(Variant):
 class Compiled(Eager):
     name = "compiled"
 
-    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
-        super().__init__(params, distribution, momentum_buffers)
+    def __init__(self, params, distribution="gaussian", state=None):
+        super().__init__(params, distribution, state)
         self._compiled = torch.compile(self._eager_cycle)
 
     def _eager_cycle(self):
@@ -233,8 +255,8 @@ class Compiled(Eager):
 class Sgd(Variant):
     name = "sgd"
 
-    def __init__(self, params, distribution="gaussian", momentum_buffers=None):
-        super().__init__(params, distribution, momentum_buffers)
+    def __init__(self, params, distribution="gaussian", state=None):
+        super().__init__(params, distribution, state)
         self.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
         self._give_state(self.opt)
 
@@ -242,4 +264,32 @@ class Sgd(Variant):
         self.opt.step()
 
 
-VARIANTS = {v.name: v for v in (Fused, Exact, Reference, Eager, Naive, Compiled, Sgd)}
+class FusedAdamW(Variant):
+    """S-SGD on AdamW through the optimizer's own cycle (restore + AdamW update fused)."""
+
+    name = "fused_adamw"
+    base = "adamw"
+
+    def __init__(self, params, distribution="gaussian", state=None):
+        super().__init__(params, distribution, state)
+        self.opt = ssgd_fused.SSGD([{"params": params, "noise": ALPHA}], torch.optim.AdamW, lr=LR,
+                                   weight_decay=WEIGHT_DECAY, distribution=distribution, seed=1, backend="cpp")
+        self._give_state(self.opt)
+
+    cycle = Fused.cycle
+
+
+class AdamW(Variant):
+    name = "adamw"
+    base = "adamw"
+
+    def __init__(self, params, distribution="gaussian", state=None):
+        super().__init__(params, distribution, state)
+        self.opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)
+        self._give_state(self.opt)
+
+    def cycle(self):
+        self.opt.step()
+
+
+VARIANTS = {v.name: v for v in (Fused, Exact, Reference, Eager, Naive, Compiled, Sgd, FusedAdamW, AdamW)}
