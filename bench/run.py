@@ -109,6 +109,9 @@ def machine_info() -> dict:
         "commit": commit,
         "cpu_isa": ops._C.isa() if ops.cpp_available() else "none",
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        # PASSIVE makes idle OpenMP threads sleep: it slows torch's optimizer steps (many small
+        # parallel regions) more than the fused passes, so ratios compare only within one policy
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
     }
     return info
 
@@ -193,7 +196,8 @@ def _ms(x: float) -> str:
 
 def markdown(rows, bw, info) -> str:
     lines = [f"{info['date']} | {info['cpu']} | {info['threads']} threads | torch {info['torch']} | "
-             f"ISA {info['cpu_isa']} | commit {info['commit']} | add_ bandwidth {bw:.1f} GB/s", ""]
+             f"ISA {info['cpu_isa']} | OMP_WAIT_POLICY {info.get('omp_wait_policy', 'unset')} | "
+             f"commit {info['commit']} | add_ bandwidth {bw:.1f} GB/s", ""]
     if info.get("stall_note"):  # set by the CLI from bench.timing.stall_probe_us before and after the run
         lines += [info["stall_note"], ""]
     lines += ["| set | dtype | noise | variant | cycle ms (p20-p80) | vs eager | x base | x floor | GB/s | "

@@ -273,7 +273,8 @@ class FusedAdamW(Variant):
     def __init__(self, params, distribution="gaussian", state=None):
         super().__init__(params, distribution, state)
         self.opt = ssgd_fused.SSGD([{"params": params, "noise": ALPHA}], torch.optim.AdamW, lr=LR,
-                                   weight_decay=WEIGHT_DECAY, distribution=distribution, seed=1, backend="cpp")
+                                   weight_decay=WEIGHT_DECAY, distribution=distribution, seed=1, backend="cpp",
+                                   restore="regenerate")  # as `fused` (16-bit parameters default to exact)
         self._give_state(self.opt)
 
     cycle = Fused.cycle
