@@ -97,6 +97,7 @@ class NoiseCycle:
         self.seed = options.seed
         self.step = 0  # completed steps (noise cycles); the spec's `step` counter
         self.last_step_skipped = False
+        self.twin_ready = False  # SSGD's: a twin_passes() loop is complete, its update pending
         self._plan: _Plan | None = None
         # {"key": (seed, step, ...), "entries": {p: (tensor id, numel, u_sq, w_sq)}}
         self._noise_norms: dict = {}

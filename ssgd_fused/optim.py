@@ -121,6 +121,17 @@ class SSGD(torch.optim.Optimizer):
                                  fused=backend == "fused", bn_layers=bn_layers, model=model)
         self._twin_ready = False
 
+    @property
+    def _twin_ready(self) -> bool:
+        """A twin_passes() loop has completed and its update is pending. Kept on the cycle, which a
+        framework's optimizer wrapper shares (Lightning's LightningOptimizer reads attributes
+        through to the SSGD but sets them on itself), so that SSGD.step sees a loop run through it."""
+        return self._cycle.twin_ready
+
+    @_twin_ready.setter
+    def _twin_ready(self, ready: bool):
+        self._cycle.twin_ready = ready
+
     # ---- the options and the cycle's counters, as attributes ------------------------------------
     def __getattr__(self, name):
         # noise, distribution, scope, mode, restore, start_step, max_grad_norm, nonfinite, pairs, bn_stats
@@ -174,7 +185,12 @@ class SSGD(torch.optim.Optimizer):
             self._twin_ready = False
             with critical():  # the whole update or none of it
                 return self.base_optimizer.step()
-        self._twin_ready = False
+        if self._twin_ready:
+            raise RuntimeError("SSGD.step(closure) after a completed `for _ in opt.twin_passes(): ...` loop would "
+                               "discard that loop's gradients: call step() without a closure (or "
+                               "scaler.step(opt)). Lightning's manual optimization passes the optimizer a "
+                               "closure: add ssgd_fused.integrations.lightning.SSGDCallback() to the Trainer's "
+                               "callbacks")
         self.zero_grad(set_to_none=True)
         losses = []
         grad_mode = torch.is_grad_enabled()

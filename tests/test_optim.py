@@ -467,6 +467,37 @@ def test_step_without_closure_needs_twin_passes():
         opt.step()
 
 
+def test_step_with_a_closure_after_twin_passes_raises_and_keeps_the_loop(backend):
+    """A closure handed to step() after a completed twin_passes() loop (Lightning's manual
+    optimization without the callback does this) would discard the loop's gradients: a clear error,
+    with the weights clean and the gradients the loop's; step() then applies the loop's update."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    ref = copy.deepcopy(model)
+    x, y = make_data()
+    kw = dict(lr=0.1, momentum=0.9, seed=7, backend=backend)
+    opt, opt_ref = SSGD(model.parameters(), torch.optim.SGD, **kw), SSGD(ref.parameters(), torch.optim.SGD, **kw)
+    clean = clone_params(model)
+    opt.zero_grad()
+    for _ in opt.twin_passes():
+        closure_for(model, x, y)()
+    grads = [p.grad.clone() for p in model.parameters()]
+    after = clone_params(model)
+    for a, b in zip(clean, after):  # restored by regeneration: a few ulp
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="discard that loop's gradients.*SSGDCallback"):
+        opt.step(closure_for(model, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(after, model.parameters()))  # the refusal moved nothing
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert opt.noise_step == 1
+    opt.step()
+    opt_ref.step(closure_for(ref, x, y))
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    opt.step(closure_for(model, x, y))  # the closure API again, once the update is applied
+    assert opt.noise_step == 2
+
+
 def test_auto_backend_warns_once_when_falling_back(monkeypatch):
     monkeypatch.setattr(ops, "cpp_available", lambda: False)
     monkeypatch.setattr(ops, "cpp_unavailable_reason", lambda: "test says so")
