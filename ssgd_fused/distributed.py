@@ -86,11 +86,33 @@ def warn_if_ddp_without_model(params, model) -> None:
 
 
 def no_sync(model):
-    """DDP's no_sync() for the passes before the last; a context that does nothing for any other
-    model (or none)."""
+    """The context of the passes before the last: DDP's no_sync(); for an FSDP2 module (the root
+    that fully_shard returned), no reduce-scatter (its unsharded gradients accumulate locally,
+    the last pass reduce-scatters their sum); a context that does nothing for any other model."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    if _is_fsdp_module(model):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+def _is_fsdp_module(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch.distributed not built, or a torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 # ---- FSDP2 / DTensor shards -----------------------------------------------------------------------

@@ -75,7 +75,9 @@ class SSGD(torch.optim.Optimizer):
             and "none" need ``model=``.
         model (nn.Module, optional): the model: its BatchNorm layers for ``bn_stats``; a
             ``DistributedDataParallel`` model runs the passes before the last under ``no_sync()``,
-            so each step all-reduces the gradients once.
+            so each step all-reduces the gradients once; an FSDP2 model (the module
+            ``fully_shard`` returned) runs them without reduce-scatter, so each step
+            reduce-scatters once, holding every module's unsharded gradient between the passes.
         ranks (str, default "same"): with torch.distributed, "same" (every rank the same noise: the
             paper's algorithm on the global batch), "pairs" (rank r draws its own antithetic pairs,
             the spec's ``sample = r * pairs + j``: world_size pairs per step) or "split" (ranks 2j

@@ -161,15 +161,39 @@ def _full(model):
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def _fsdp(**kw):
+def _count_reduce_scatters():
+    """Counts FSDP2's gradient reduce-scatters (one foreach_reduce per parameter group and backward)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
+
+    counter = {"n": 0}
+    inner = pg.foreach_reduce
+
+    def counted(*args, **kwargs):
+        counter["n"] += 1
+        return inner(*args, **kwargs)
+
+    pg.foreach_reduce = counted
+    return counter, lambda: setattr(pg, "foreach_reduce", inner)
+
+
+def _fsdp(model_arg=False, **kw):
     model = _sharded(make_fsdp_model())
-    opt = SSGD(model.parameters(), torch.optim.SGD, **FSDP_KW, **kw)
-    _fsdp_steps(model, opt, STEPS)
-    return {"params": _full(model), "local_numels": [p._local_tensor.numel() for p in model.parameters()]}
+    opt = SSGD(model.parameters(), torch.optim.SGD, **FSDP_KW, **kw, **(dict(model=model) if model_arg else {}))
+    counter, undo = _count_reduce_scatters()
+    try:
+        _fsdp_steps(model, opt, STEPS)
+    finally:
+        undo()
+    return {"params": _full(model), "local_numels": [p._local_tensor.numel() for p in model.parameters()],
+            "reduce_scatters_per_step": counter["n"] / STEPS}
 
 
 def fsdp_gaussian():
     return _fsdp()
+
+
+def fsdp_model_arg():
+    return _fsdp(model_arg=True)
 
 
 def fsdp_rademacher_filter():
@@ -218,9 +242,9 @@ def fsdp_bad_placement():
     return {"error": None}
 
 
-WORKERS = {f.__name__: f for f in (fsdp_gaussian, fsdp_rademacher_filter, fsdp_checkpoint, fsdp_bad_placement,
-                                   ddp_closure, ddp_no_model, ddp_twin_accumulate_clip, ddp_pairs, ddp_split,
-                                   mismatched_seeds, split_odd_world)}
+WORKERS = {f.__name__: f for f in (fsdp_gaussian, fsdp_model_arg, fsdp_rademacher_filter, fsdp_checkpoint,
+                                   fsdp_bad_placement, ddp_closure, ddp_no_model, ddp_twin_accumulate_clip, ddp_pairs,
+                                   ddp_split, mismatched_seeds, split_odd_world)}
 
 
 # ---- launching ------------------------------------------------------------------------------------

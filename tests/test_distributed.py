@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 # Each process group is started once and runs its workers in turn (starting processes is the cost).
 TWO_RANKS = ["ddp_closure", "ddp_no_model", "ddp_twin_accumulate_clip", "ddp_pairs", "ddp_split", "mismatched_seeds",
-             "fsdp_gaussian", "fsdp_rademacher_filter", "fsdp_checkpoint", "fsdp_bad_placement"]
+             "fsdp_gaussian", "fsdp_model_arg", "fsdp_rademacher_filter", "fsdp_checkpoint", "fsdp_bad_placement"]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,21 @@ def test_fsdp2_shards_follow_the_unsharded_run(groups, worker, kw):
         assert torch.equal(a, b)
     for a, b in zip(res[0]["params"], fsdp_single_process(**kw)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_with_model_reduce_scatters_once_per_step(groups):
+    """model=<the fully_shard root>: the pass at w+n runs without reduce-scatter (the unsharded
+    gradients accumulate), the pass at w-n reduce-scatters their sum: half the reduce-scatters of a
+    run without model=, and the same trajectory up to float rounding (the sum is taken before the
+    reduction instead of after)."""
+    once, twice = groups("fsdp_model_arg", 2), groups("fsdp_gaussian", 2)
+    for r_once, r_twice in zip(once, twice):
+        assert r_twice["reduce_scatters_per_step"] == 2 * r_once["reduce_scatters_per_step"] > 0
+    for a, b in zip(once[0]["params"], once[1]["params"]):
+        assert torch.equal(a, b)
+    for a, b, c in zip(once[0]["params"], twice[0]["params"], fsdp_single_process()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
 def test_fsdp2_distributed_checkpoint_resumes_bitwise(groups):
