@@ -10,7 +10,10 @@
 //   F16::st writes the canonical quiet NaN (sign | 0x7E00), so NaN lanes are rewritten to it.
 //
 // So the results are bitwise those of the generic loops (and, NaN payloads aside, of torch's
-// conversions); tests compare every ISA on subnormals, NaN, infinities, overflow and ties.
+// conversions); tests compare every ISA on subnormals, NaN, infinities, overflow and ties. (Two
+// loads differ from F16::ld, invisibly: vcvtph2ps quiets a signalling NaN, and it ignores DAZ,
+// which torch leaves off unless torch.set_flush_denormal(True); every loaded value goes through
+// arithmetic and round() before it is stored, which quiets and canonicalises NaN anyway.)
 // The loops are written once (lp16_loops.inc) and included in each format's struct; the bfloat16
 // struct is compiled with avx512bf16 enabled, the float16 one without it, so no instruction of that
 // extension can reach a CPU without it. Included only by kernels_avx512.cpp, before kernels_impl.h.

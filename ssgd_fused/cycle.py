@@ -308,13 +308,15 @@ class NoiseCycle:
                 self.step += 1
 
     def ensure_clean(self):
-        """Puts back clean weights if a cycle was left half-way (exception, abandoned loop)."""
+        """Puts back clean weights if a cycle was left half-way (exception, abandoned loop), and
+        drops the gradients an FSDP2 model holds unreduced from its passes."""
         with critical():
             plan = self._plan
             if plan is not None:
                 if plan.offset != 0:
                     self._move(plan, 0.0)
                 self._plan = None
+                _distributed.discard_unreduced(self.model)
 
     # ---- moves -----------------------------------------------------------------------------------
     @torch.no_grad()

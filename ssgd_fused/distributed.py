@@ -106,13 +106,42 @@ def _is_fsdp_module(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _fsdp_param_groups(model):
+    """FSDP2's parameter groups of model and its submodules (private state, read defensively)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+            yield from getattr(state, "_fsdp_param_groups", None) or ()
+
+
 @contextlib.contextmanager
 def _fsdp_no_sync(model):
+    """No reduce-scatter (nor HSDP all-reduce) inside; each group's previous flags restored after."""
+    groups = list(_fsdp_param_groups(model))
+    before = [(g.reduce_grads, g.all_reduce_grads) for g in groups]
     model.set_requires_gradient_sync(False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)
+        for g, (reduce, all_reduce) in zip(groups, before):
+            g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
+
+
+def discard_unreduced(model) -> None:
+    """For a cycle abandoned after a pass run without reduce-scatter (an exception, a loop left
+    early): drops the unsharded gradients an FSDP2 model holds from it, which its next synced
+    backward would otherwise add into the next step's gradients. (No-op for any other model.)"""
+    if not _is_fsdp_module(model):
+        return
+    for group in _fsdp_param_groups(model):
+        for fp in getattr(group, "fsdp_params", ()):
+            if getattr(fp, "unsharded_accumulated_grad", None) is not None:
+                fp.unsharded_accumulated_grad = None
+            unsharded = getattr(fp, "_unsharded_param", None)
+            if unsharded is not None and unsharded.grad is not None:
+                unsharded.grad = None
 
 
 # ---- FSDP2 / DTensor shards -----------------------------------------------------------------------

@@ -273,6 +273,7 @@ class SSGD(torch.optim.Optimizer):
             raise ValueError(f"state_dict was saved with noise spec {info.get('spec_version')}, "
                              f"this is spec {_noise.SPEC_VERSION}")
         self._cycle.ensure_clean()
+        self._twin_ready = False  # a loaded state starts a step afresh
         base_sd = {k: v for k, v in state_dict.items() if k != "ssgd"}
         if "param_groups" in base_sd:
             base_sd["param_groups"] = [{k: v for k, v in g.items() if not k.startswith("ssgd_")}

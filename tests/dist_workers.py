@@ -196,6 +196,40 @@ def fsdp_model_arg():
     return _fsdp(model_arg=True)
 
 
+def _fsdp_abandoned(model_arg):
+    """A twin_passes() loop left after its first pass's backward, then STEPS ordinary steps."""
+    model = _sharded(make_fsdp_model())
+    opt = SSGD(model.parameters(), torch.optim.SGD, **FSDP_KW, **(dict(model=model) if model_arg else {}))
+    x, y = fsdp_batch(100, dist.get_rank(), dist.get_world_size())
+    opt.zero_grad()
+    for _ in opt.twin_passes():
+        F.cross_entropy(model(x), y).backward()
+        break
+    _fsdp_steps(model, opt, STEPS)
+    return {"params": _full(model)}
+
+
+def fsdp_abandoned():
+    return _fsdp_abandoned(False)
+
+
+def fsdp_abandoned_model_arg():
+    return _fsdp_abandoned(True)
+
+
+def fsdp_user_sync_flags():
+    """A layer the user set to no gradient sync keeps that setting through an S-SGD step with model=."""
+    model = _sharded(make_fsdp_model())
+    opt = SSGD(model.parameters(), torch.optim.SGD, **FSDP_KW, model=model)
+    model[0].set_requires_gradient_sync(False, recurse=False)
+    _fsdp_steps(model, opt, 1)
+    from torch.distributed.fsdp import FSDPModule
+
+    flags = [g.reduce_grads for m in model.modules() if isinstance(m, FSDPModule)
+             for g in m._get_fsdp_state()._fsdp_param_groups]
+    return {"first_layer": model[0]._get_fsdp_state()._fsdp_param_groups[0].reduce_grads, "all": flags}
+
+
 def fsdp_rademacher_filter():
     return _fsdp(distribution="rademacher", scope="filter")
 
@@ -242,7 +276,8 @@ def fsdp_bad_placement():
     return {"error": None}
 
 
-WORKERS = {f.__name__: f for f in (fsdp_gaussian, fsdp_model_arg, fsdp_rademacher_filter, fsdp_checkpoint,
+WORKERS = {f.__name__: f for f in (fsdp_gaussian, fsdp_model_arg, fsdp_abandoned, fsdp_abandoned_model_arg,
+                                   fsdp_user_sync_flags, fsdp_rademacher_filter, fsdp_checkpoint,
                                    fsdp_bad_placement, ddp_closure, ddp_no_model, ddp_twin_accumulate_clip, ddp_pairs,
                                    ddp_split, mismatched_seeds, split_odd_world)}
 

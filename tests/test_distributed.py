@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 # Each process group is started once and runs its workers in turn (starting processes is the cost).
 TWO_RANKS = ["ddp_closure", "ddp_no_model", "ddp_twin_accumulate_clip", "ddp_pairs", "ddp_split", "mismatched_seeds",
-             "fsdp_gaussian", "fsdp_model_arg", "fsdp_rademacher_filter", "fsdp_checkpoint", "fsdp_bad_placement"]
+             "fsdp_gaussian", "fsdp_model_arg", "fsdp_abandoned", "fsdp_abandoned_model_arg", "fsdp_user_sync_flags",
+             "fsdp_rademacher_filter", "fsdp_checkpoint", "fsdp_bad_placement"]
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +176,24 @@ def test_fsdp2_with_model_reduce_scatters_once_per_step(groups):
     for a, b, c in zip(once[0]["params"], twice[0]["params"], fsdp_single_process()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_abandoned_loop_leaves_no_unreduced_gradients(groups):
+    """A twin_passes() loop left after the first pass's backward: with model= FSDP2 holds that
+    pass's unsharded gradients (no reduce-scatter ran); they are dropped with the cycle, so the
+    steps after it follow the run that never started the loop, with or without model=."""
+    clean = groups("fsdp_gaussian", 2)[0]["params"]
+    for worker in ("fsdp_abandoned_model_arg", "fsdp_abandoned"):
+        res = groups(worker, 2)
+        for a, b in zip(res[0]["params"], clean):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_keeps_the_users_gradient_sync_flags(groups):
+    """The passes before the last switch reduce-scatter off and then back to each module's own
+    setting: a layer the user set to no sync stays so, the others sync."""
+    for r in groups("fsdp_user_sync_flags", 2):
+        assert r["first_layer"] is False and r["all"].count(False) == 1 and len(r["all"]) > 1
 
 
 def test_fsdp2_distributed_checkpoint_resumes_bitwise(groups):

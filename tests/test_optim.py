@@ -498,6 +498,22 @@ def test_step_with_a_closure_after_twin_passes_raises_and_keeps_the_loop(backend
     assert opt.noise_step == 2
 
 
+def test_load_state_dict_after_twin_passes_starts_afresh():
+    """A loaded state drops a completed loop's pending update: step(closure) runs a new step."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x, y = make_data()
+    opt = SSGD(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, seed=7, backend="reference")
+    sd = opt.state_dict()
+    for _ in opt.twin_passes():
+        closure_for(model, x, y)()
+    opt.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="twin_passes"):
+        opt.step()  # nothing pending any more
+    opt.step(closure_for(model, x, y))
+    assert opt.noise_step == 1
+
+
 def test_auto_backend_warns_once_when_falling_back(monkeypatch):
     monkeypatch.setattr(ops, "cpp_available", lambda: False)
     monkeypatch.setattr(ops, "cpp_unavailable_reason", lambda: "test says so")

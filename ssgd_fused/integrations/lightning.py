@@ -106,8 +106,8 @@ class SSGDCallback(_pl.Callback):
             self._patched = None
 
     def on_train_start(self, trainer, pl_module):
-        # manual optimization: `self.optimizers()` is Lightning's wrapper, whose inherited
-        # twin_passes() would mark *the wrapper* ready; point it at the SSGD's own method
+        # manual optimization: `self.optimizers()` is Lightning's wrapper; its inherited
+        # twin_passes() would run with the wrapper as self: point it at the SSGD's own method
         optimizers = pl_module.optimizers(use_pl_optimizer=True)
         for lo in optimizers if isinstance(optimizers, list) else [optimizers]:
             ssgd = unwrap(lo)
