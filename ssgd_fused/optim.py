@@ -122,6 +122,7 @@ class SSGD(torch.optim.Optimizer):
         self._cycle = NoiseCycle(self.base_optimizer, options, _reference if backend == "reference" else _ops,
                                  fused=backend == "fused", bn_layers=bn_layers, model=model)
         self._twin_ready = False
+        self._note_gradients()  # gradients from before this optimizer (another's step) are not news
 
     @property
     def _twin_ready(self) -> bool:
@@ -185,14 +186,18 @@ class SSGD(torch.optim.Optimizer):
                                    "ssgd_fused.integrations.transformers.SSGDTrainer for the Hugging Face Trainer, "
                                    "ssgd_fused.integrations.lightning.SSGDCallback for Lightning")
             self._twin_ready = False
-            with critical():  # the whole update or none of it
-                return self.base_optimizer.step()
+            try:
+                with critical():  # the whole update or none of it
+                    return self.base_optimizer.step()
+            finally:
+                self._note_gradients()
         if self._twin_ready:
             raise RuntimeError("SSGD.step(closure) after a completed `for _ in opt.twin_passes(): ...` loop would "
                                "discard that loop's gradients: call step() without a closure (or "
                                "scaler.step(opt)). Lightning's manual optimization passes the optimizer a "
                                "closure: add ssgd_fused.integrations.lightning.SSGDCallback() to the Trainer's "
                                "callbacks")
+        self._warn_if_discarding_gradients()
         self.zero_grad(set_to_none=True)
         losses = []
         grad_mode = torch.is_grad_enabled()
@@ -207,10 +212,39 @@ class SSGD(torch.optim.Optimizer):
             self._cycle.ensure_clean()
             torch.set_grad_enabled(grad_mode)  # an interrupt inside a no_grad() block skips its exit
             raise
+        finally:
+            self._note_gradients()
         if any(loss is None for loss in losses):
             return None
         losses = [loss.detach() if isinstance(loss, torch.Tensor) else loss for loss in losses]
         return sum(losses[1:], losses[0]) / len(losses)
+
+    def _grad_marks(self) -> list:
+        """(parameter, gradient, gradient version) identities of the parameters that have a
+        gradient. Identities, not references: a gradient the user frees stays freed."""
+        return [(id(p), id(g), g._version) for grp in self.param_groups for p in grp["params"]
+                if (g := p.grad) is not None]
+
+    def _note_gradients(self):
+        """Marks what a step leaves in p.grad: SSGD's own gradients, which the next step(closure) may zero."""
+        self._grads_left = self._grad_marks()
+
+    def _warn_if_discarding_gradients(self):
+        """step(closure) zeroes the gradients before its passes, unlike torch.optim's step: warn when
+        that drops gradients computed since the last step (a backward outside the closure, as
+        Lightning's gradient accumulation runs without SSGDCallback)."""
+        marks = self._grad_marks()
+        if marks == self._grads_left:
+            return
+        left = {m[0]: m for m in self._grads_left}
+        fresh = sum(1 for m in marks if left.get(m[0]) != m)
+        if fresh:
+            warnings.warn(f"ssgd_fused: SSGD.step(closure) zeroes the gradients before its passes, and {fresh} "
+                          "parameter(s) had gradients computed since the last step (a backward outside the "
+                          "closure): they are discarded. Run every micro-batch inside the closure, or use the "
+                          "twin_passes() loop to accumulate; with Lightning's accumulate_grad_batches add "
+                          "ssgd_fused.integrations.lightning.SSGDCallback(). Zeroing them with opt.zero_grad() "
+                          "before step() silences this.", RuntimeWarning, stacklevel=3)
 
     def _is_state_init_call(self) -> bool:
         """torch.distributed.checkpoint's state-dict helpers create an empty optimizer's state by
@@ -239,6 +273,8 @@ class SSGD(torch.optim.Optimizer):
             self._cycle.ensure_clean()
             torch.set_grad_enabled(grad_mode)  # an interrupt inside a no_grad() block skips its exit
             raise
+        finally:
+            self._note_gradients()  # the passes' gradients are SSGD's, whether the loop ended or not
         self._twin_ready = True
 
     def zero_grad(self, set_to_none: bool = True):
@@ -248,6 +284,8 @@ class SSGD(torch.optim.Optimizer):
         if self._cycle.in_later_pass():
             return
         super().zero_grad(set_to_none=set_to_none)
+        if not set_to_none:  # zeros: nothing a later step(closure) could discard
+            self._note_gradients()
 
     def state_dict(self):
         """The base optimizer's state_dict plus ``"ssgd": {"seed", "step", "spec_version"}``; the
@@ -274,6 +312,7 @@ class SSGD(torch.optim.Optimizer):
                              f"this is spec {_noise.SPEC_VERSION}")
         self._cycle.ensure_clean()
         self._twin_ready = False  # a loaded state starts a step afresh
+        self._note_gradients()
         base_sd = {k: v for k, v in state_dict.items() if k != "ssgd"}
         if "param_groups" in base_sd:
             base_sd["param_groups"] = [{k: v for k, v in g.items() if not k.startswith("ssgd_")}

@@ -238,6 +238,13 @@ def test_manual_optimization_without_the_callback_raises(loader):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
 
+def test_accumulation_without_the_callback_warns(loader):
+    """accumulate_grad_batches without the callback: SSGD's step(closure) would drop the window's
+    earlier micro-batches silently; it warns, naming the callback."""
+    with pytest.warns(RuntimeWarning, match="SSGDCallback"):
+        fit(Net(scheduler=False), loader, [], max_epochs=1, accumulate_grad_batches=2)
+
+
 class WithValidation(Net):
     def validation_step(self, batch, batch_idx):
         return None

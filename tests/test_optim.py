@@ -514,6 +514,33 @@ def test_load_state_dict_after_twin_passes_starts_afresh():
     assert opt.noise_step == 1
 
 
+def test_step_with_closure_warns_when_it_discards_fresh_gradients():
+    """step(closure) zeroes the gradients first: a backward outside the closure since the last step
+    (what Lightning's accumulation does without the callback) is reported, not silently dropped;
+    an ordinary closure loop, or gradients zeroed in place by the optimizer, are not."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x, y = make_data()
+    opt = SSGD(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, seed=7, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.step(closure_for(model, x, y))
+        opt.zero_grad(set_to_none=False)
+        opt.step(closure_for(model, x, y))
+        opt.zero_grad()
+        for _ in opt.twin_passes():
+            closure_for(model, x, y)()
+        opt.step()
+        opt.step(closure_for(model, x, y))
+    closure_for(model, x, y)()  # a micro-batch's backward outside the closure
+    n = sum(1 for p in model.parameters())
+    with pytest.warns(RuntimeWarning, match=f"{n} parameter\\(s\\) had gradients computed since the last step"):
+        opt.step(closure_for(model, x, y))
+
+
 def test_auto_backend_warns_once_when_falling_back(monkeypatch):
     monkeypatch.setattr(ops, "cpp_available", lambda: False)
     monkeypatch.setattr(ops, "cpp_unavailable_reason", lambda: "test says so")
