@@ -252,16 +252,24 @@ class Compiled(Eager):
         self.opt.step()
 
 
-class Sgd(Variant):
-    name = "sgd"
+class PlainStep(Variant):
+    """A plain torch.optim step (its `optimizer`), from the given state: one update pass, no noise."""
 
     def __init__(self, params, distribution="gaussian", state=None):
         super().__init__(params, distribution, state)
-        self.opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
+        self.opt = self.optimizer(params)
         self._give_state(self.opt)
 
     def cycle(self):
         self.opt.step()
+
+
+class Sgd(PlainStep):
+    name = "sgd"
+
+    @staticmethod
+    def optimizer(params):
+        return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
 
 
 class FusedAdamW(Variant):
@@ -280,17 +288,13 @@ class FusedAdamW(Variant):
     cycle = Fused.cycle
 
 
-class AdamW(Variant):
+class AdamW(PlainStep):
     name = "adamw"
     base = "adamw"
 
-    def __init__(self, params, distribution="gaussian", state=None):
-        super().__init__(params, distribution, state)
-        self.opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)
-        self._give_state(self.opt)
-
-    def cycle(self):
-        self.opt.step()
+    @staticmethod
+    def optimizer(params):
+        return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)
 
 
 VARIANTS = {v.name: v for v in (Fused, Exact, Reference, Eager, Naive, Compiled, Sgd, FusedAdamW, AdamW)}
