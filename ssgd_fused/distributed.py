@@ -118,15 +118,20 @@ def _fsdp_param_groups(model):
 
 @contextlib.contextmanager
 def _fsdp_no_sync(model):
-    """No reduce-scatter (nor HSDP all-reduce) inside; each group's previous flags restored after."""
+    """No reduce-scatter (nor HSDP all-reduce) inside; each group's previous flags restored after,
+    or, where FSDP2's private state cannot be read, sync switched back on (its default)."""
     groups = list(_fsdp_param_groups(model))
-    before = [(g.reduce_grads, g.all_reduce_grads) for g in groups]
+    before = [(getattr(g, "reduce_grads", None), getattr(g, "all_reduce_grads", None)) for g in groups]
+    readable = bool(groups) and all(None not in b for b in before)
     model.set_requires_gradient_sync(False)
     try:
         yield
     finally:
-        for g, (reduce, all_reduce) in zip(groups, before):
-            g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
+        if readable:
+            for g, (reduce, all_reduce) in zip(groups, before):
+                g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
+        else:
+            model.set_requires_gradient_sync(True)
 
 
 def discard_unreduced(model) -> None:

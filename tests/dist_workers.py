@@ -196,6 +196,20 @@ def fsdp_model_arg():
     return _fsdp(model_arg=True)
 
 
+def fsdp_unreadable_state():
+    """model= where FSDP2's private per-group flags cannot be read: sync is switched back on after
+    each no-sync pass all the same (one reduce-scatter per step, flags back at their default)."""
+    from ssgd_fused import distributed as D
+
+    readable = D._fsdp_param_groups
+    D._fsdp_param_groups = lambda model: iter(())
+    try:
+        out = _fsdp(model_arg=True)
+    finally:
+        D._fsdp_param_groups = readable
+    return out
+
+
 def _fsdp_abandoned(model_arg):
     """A twin_passes() loop left after its first pass's backward, then STEPS ordinary steps."""
     model = _sharded(make_fsdp_model())
@@ -276,7 +290,8 @@ def fsdp_bad_placement():
     return {"error": None}
 
 
-WORKERS = {f.__name__: f for f in (fsdp_gaussian, fsdp_model_arg, fsdp_abandoned, fsdp_abandoned_model_arg,
+WORKERS = {f.__name__: f for f in (fsdp_gaussian, fsdp_model_arg, fsdp_unreadable_state, fsdp_abandoned,
+                                   fsdp_abandoned_model_arg,
                                    fsdp_user_sync_flags, fsdp_rademacher_filter, fsdp_checkpoint,
                                    fsdp_bad_placement, ddp_closure, ddp_no_model, ddp_twin_accumulate_clip, ddp_pairs,
                                    ddp_split, mismatched_seeds, split_odd_world)}

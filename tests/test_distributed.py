@@ -13,8 +13,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 # Each process group is started once and runs its workers in turn (starting processes is the cost).
 TWO_RANKS = ["ddp_closure", "ddp_no_model", "ddp_twin_accumulate_clip", "ddp_pairs", "ddp_split", "mismatched_seeds",
-             "fsdp_gaussian", "fsdp_model_arg", "fsdp_abandoned", "fsdp_abandoned_model_arg", "fsdp_user_sync_flags",
-             "fsdp_rademacher_filter", "fsdp_checkpoint", "fsdp_bad_placement"]
+             "fsdp_gaussian", "fsdp_model_arg", "fsdp_unreadable_state", "fsdp_abandoned", "fsdp_abandoned_model_arg",
+             "fsdp_user_sync_flags", "fsdp_rademacher_filter", "fsdp_checkpoint", "fsdp_bad_placement"]
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,14 @@ def test_fsdp2_with_model_reduce_scatters_once_per_step(groups):
     for a, b, c in zip(once[0]["params"], twice[0]["params"], fsdp_single_process()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_without_readable_private_state_still_syncs_once_per_step(groups):
+    """Where FSDP2's per-group flags cannot be read (another torch), the no-sync context falls back
+    to switching sync back on: the same reduce-scatters and the same bits as with them."""
+    for r, want in zip(groups("fsdp_unreadable_state", 2), groups("fsdp_model_arg", 2)):
+        assert r["reduce_scatters_per_step"] == want["reduce_scatters_per_step"]
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], want["params"]))
 
 
 def test_fsdp2_abandoned_loop_leaves_no_unreduced_gradients(groups):
